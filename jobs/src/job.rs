@@ -1,0 +1,110 @@
+//! The [`Job`] trait every paper job implements, and the [`JobContext`] it runs in.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use crate::config::{ConfigError, ConfigSchema, ResolvedConfig};
+
+/// Errors a job's `run` can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The resolved config did not make sense to the job (should have been caught by the schema).
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigError),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Saving or restoring a checkpoint failed.
+    #[error("checkpoint error: {0}")]
+    Checkpoint(String),
+    /// Loading a data set failed.
+    #[error("data error: {0}")]
+    Data(String),
+    /// The job was asked to stop (cancel or preemption) and stopped cleanly.
+    #[error("stopped on request")]
+    Stopped,
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A checkpoint as a job sees it: named tensors plus the job's own JSON state
+/// (step, epoch, RNG seed, optimizer scalars...).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Training step the checkpoint was taken at.
+    pub step: u64,
+    /// Model and optimizer tensors by name (written as safetensors).
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Job-defined state, stored in the manifest.
+    pub state: serde_json::Value,
+    /// Metrics at the time of the checkpoint, stored in the manifest.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The final results table of a job, printed by `trainyard run` and stored with the job.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResultsTable {
+    /// Title line, e.g. "Neural ODE: MNIST".
+    pub title: String,
+    /// Column headers.
+    pub columns: Vec<String>,
+    /// Rows of cells, each as long as `columns`.
+    pub rows: Vec<Vec<String>>,
+    /// Conclusions, one per line (for example whether the paper's claim held).
+    pub notes: Vec<String>,
+}
+
+/// What a running job can do with the outside world. The rank process implements it;
+/// tests use an in-memory implementation.
+pub trait JobContext {
+    /// This rank's index, from 0.
+    fn rank(&self) -> u32;
+    /// Number of ranks in the job.
+    fn world_size(&self) -> u32;
+    /// A log line, shown by `trainyard logs`.
+    fn log(&self, line: &str);
+    /// Metric values at a training step (names like `odenet/train_loss`).
+    fn metrics(&self, step: u64, values: &[(&str, f64)]);
+    /// Progress of a long stage, for progress bars (`done` of `total`).
+    fn progress(&self, stage: &str, done: u64, total: u64);
+    /// True once the job has been asked to stop (cancel, preemption). A job checks it
+    /// at least once per step and returns [`JobError::Stopped`] (after a checkpoint if it likes).
+    fn should_stop(&self) -> bool;
+    /// Saves a checkpoint; returns once it is committed (manifest written last).
+    fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), JobError>;
+    /// The checkpoint to resume from, if this attempt is a restart (or was started from one).
+    /// Tensors are loaded onto `device`.
+    fn restore_checkpoint(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<Option<Checkpoint>, JobError>;
+    /// Publishes the final results table.
+    fn results(&self, table: &ResultsTable);
+}
+
+/// One trainable paper job.
+pub trait Job: Send + Sync {
+    /// Registry name, e.g. `neural-ode`.
+    fn name(&self) -> &'static str;
+    /// One-line description shown by the CLI.
+    fn description(&self) -> &'static str;
+    /// The job's config keys, with types, ranges, and a default per preset.
+    fn schema(&self) -> &ConfigSchema;
+    /// Most ranks the job can use (1 until the job trains data-parallel).
+    fn max_ranks(&self) -> u32 {
+        1
+    }
+    /// Resolves `preset` plus `overrides` into a validated config. Unknown keys, unknown
+    /// presets and out-of-range values are errors that name the key.
+    fn resolve_config(
+        &self,
+        preset: &str,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<ResolvedConfig, ConfigError> {
+        self.schema().resolve(preset, overrides)
+    }
+    /// Trains. Reports through `ctx`; returns when done, failed or stopped.
+    fn run(&self, config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError>;
+}
