@@ -8,7 +8,8 @@ pub mod v1 {
     tonic::include_proto!("trainyard.v1");
 
     /// Encoded `FileDescriptorSet` of the whole package, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("trainyard_v1_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("trainyard_v1_descriptor");
 }
 
 pub use v1::*;
@@ -39,8 +40,7 @@ impl JobState {
     pub fn parse_name(s: &str) -> Option<JobState> {
         let up = s.trim().to_ascii_uppercase();
         let up = up.strip_prefix("JOB_STATE_").unwrap_or(&up);
-        JobState::from_str_name(&format!("JOB_STATE_{up}"))
-            .filter(|s| *s != JobState::Unspecified)
+        JobState::from_str_name(&format!("JOB_STATE_{up}")).filter(|s| *s != JobState::Unspecified)
     }
 }
 
@@ -59,7 +59,10 @@ mod tests {
             JobState::Cancelled,
         ] {
             assert_eq!(JobState::parse_name(s.short_name()), Some(s));
-            assert_eq!(JobState::parse_name(&s.short_name().to_lowercase()), Some(s));
+            assert_eq!(
+                JobState::parse_name(&s.short_name().to_lowercase()),
+                Some(s)
+            );
         }
         assert_eq!(JobState::parse_name("bogus"), None);
         assert_eq!(JobState::parse_name("unspecified"), None);

@@ -1,0 +1,358 @@
+//! Command-line arguments (clap derive) of the `trainyard` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default coordinator URL for client commands and workers.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7800";
+
+/// Trainyard: a training cluster for paper reproductions.
+#[derive(Debug, Parser)]
+#[command(
+    name = "trainyard",
+    version,
+    about = "Trainyard: run ML training jobs on a cluster of workers",
+    long_about = "Trainyard: run ML training jobs on a cluster of workers.\n\n\
+        Quick start:  trainyard run neural-ode\n\
+        A cluster:    trainyard local   (then: trainyard submit neural-ode --follow)",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Coordinator to talk to (client commands and workers).
+    #[arg(
+        long,
+        global = true,
+        env = "TRAINYARD_COORDINATOR",
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL"
+    )]
+    pub coordinator: String,
+
+    /// Format of the logs written to stderr (filter them with RUST_LOG).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Output format of read commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON (snake_case field names, enums as short names).
+    Json,
+    /// YAML (same shape as JSON).
+    Yaml,
+}
+
+/// `-o table|json|yaml`.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Every subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator (API server, scheduler, state store) in the foreground.
+    Coordinator(CoordinatorArgs),
+    /// Run a worker agent that executes ranks for a coordinator.
+    Worker(WorkerArgs),
+    /// Internal: body of one rank process (started by a worker).
+    #[command(hide = true)]
+    Rank,
+    /// Submit a job to the cluster.
+    Submit(SubmitArgs),
+    /// List jobs.
+    #[command(visible_alias = "ls")]
+    Jobs(JobsArgs),
+    /// Show one job in detail: state, metrics, placement, checkpoint, history.
+    Describe(DescribeArgs),
+    /// Print a job's log lines (from the start; `-f` keeps following).
+    Logs(LogsArgs),
+    /// Cancel a job (its ranks get SIGTERM, then SIGKILL after the grace period).
+    Cancel(CancelArgs),
+    /// List the cluster's workers and their devices.
+    Workers(WorkersArgs),
+    /// List a job's committed checkpoints.
+    Checkpoints(CheckpointsArgs),
+    /// List the job types the cluster can run, with presets and config keys.
+    JobTypes(JobTypesArgs),
+    /// Run a coordinator and N workers on this machine until Ctrl-C.
+    Local(LocalArgs),
+    /// Start a local cluster, run one job to completion with live progress, then stop.
+    Run(RunArgs),
+}
+
+/// `trainyard coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Directory for the state store and the object folder (unless --store/--objects say otherwise).
+    #[arg(long, default_value = ".trainyard/coordinator", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// State store URL, e.g. file:///var/lib/trainyard/state.redb.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// Object store URL for checkpoints, e.g. file:///var/lib/trainyard/objects.
+    #[arg(long, value_name = "URL")]
+    pub objects: Option<String>,
+    /// Seconds without a heartbeat after which a worker is declared dead.
+    #[arg(long, value_name = "SECS")]
+    pub heartbeat_timeout: Option<f64>,
+}
+
+/// `trainyard worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Worker name shown in `trainyard workers` (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Devices to offer, e.g. `cpu:4` (default: one cpu slot per core).
+    #[arg(long, value_name = "SPEC")]
+    pub devices: Option<String>,
+    /// Offer N GPU slots emulated on the CPU instead.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub emulate_gpus: u32,
+    /// Scratch directory for the ranks.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What a job should run with: the fields of a job spec.
+#[derive(Debug, Clone, Args, Default)]
+pub struct SpecArgs {
+    /// Job type, e.g. `neural-ode` (see `trainyard job-types`); optional with -f.
+    #[arg(value_name = "JOB")]
+    pub job: Option<String>,
+    /// Config preset, e.g. `quick` or `paper` (default: the job's default preset).
+    #[arg(long, short = 'p')]
+    pub preset: Option<String>,
+    /// Override a config key; repeatable (`--set epochs=2 --set lr=0.01`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Spec file (YAML or JSON) with the same fields; flags override it.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Number of ranks (device slots), placed as one gang.
+    #[arg(long)]
+    pub ranks: Option<u32>,
+    /// Priority: higher runs first.
+    #[arg(long, allow_hyphen_values = true)]
+    pub priority: Option<i32>,
+    /// Job name (default: the job type).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Requeues allowed after a worker death or rank failure.
+    #[arg(long)]
+    pub max_restarts: Option<u32>,
+    /// Device kind every rank needs: cpu or gpu (default: any).
+    #[arg(long, value_name = "KIND")]
+    pub device_kind: Option<String>,
+    /// Seconds a rank gets between SIGTERM and SIGKILL on cancel.
+    #[arg(long, value_name = "SECS")]
+    pub grace_period: Option<u32>,
+}
+
+/// `trainyard submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job spec.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Follow the job after submitting: progress bar, live metrics, results.
+    #[arg(long, short = 'F')]
+    pub follow: bool,
+    /// Output format of the submitted job.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in these states (repeatable): pending, scheduled, running, succeeded, failed, cancelled.
+    #[arg(long = "state", short = 's', value_name = "STATE")]
+    pub states: Vec<String>,
+    /// At most this many jobs.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard describe`.
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// Job id.
+    pub id: String,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Job id.
+    pub id: String,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only this rank's lines.
+    #[arg(long)]
+    pub rank: Option<u32>,
+}
+
+/// `trainyard cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// Job id.
+    pub id: String,
+    /// Why (recorded in the job's history).
+    #[arg(long, default_value = "cancelled by user")]
+    pub reason: String,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard workers`.
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    /// Include workers declared dead.
+    #[arg(long, short = 'a')]
+    pub all: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard checkpoints`.
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    /// Job id.
+    pub id: String,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard job-types`.
+#[derive(Debug, Args)]
+pub struct JobTypesArgs {
+    /// Show this binary's own job types without asking the coordinator.
+    #[arg(long)]
+    pub local: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Options shared by the commands that start an in-process cluster.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Number of workers to start.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub workers: u32,
+    /// Each worker offers N GPU slots emulated on the CPU (default: cpu slots, one per core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub emulate_gpus: u32,
+    /// Devices each worker offers, e.g. `cpu:4` (ignored with --emulate-gpus).
+    #[arg(long, value_name = "SPEC")]
+    pub devices: Option<String>,
+    /// Object store URL for checkpoints (default: a folder in the data dir).
+    #[arg(long, value_name = "URL")]
+    pub objects: Option<String>,
+}
+
+/// `trainyard local`.
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:7800", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Directory for the state store, objects and worker scratch space.
+    #[arg(long, default_value = ".trainyard/local", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Cluster shape.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// `trainyard run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job spec.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Data directory of this run (default: .trainyard/runs/<job>-<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster shape.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_collects_repeated_sets() {
+        let cli = Cli::try_parse_from([
+            "trainyard",
+            "submit",
+            "neural-ode",
+            "--set",
+            "a=1",
+            "--set",
+            "b=2",
+            "--ranks",
+            "2",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Submit(s) = cli.command else {
+            panic!("not submit")
+        };
+        assert_eq!(s.spec.job.as_deref(), Some("neural-ode"));
+        assert_eq!(s.spec.set, vec!["a=1", "b=2"]);
+        assert_eq!(s.spec.ranks, Some(2));
+        assert_eq!(s.output.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn global_coordinator_flag_after_subcommand() {
+        let cli =
+            Cli::try_parse_from(["trainyard", "jobs", "--coordinator", "http://h:1"]).unwrap();
+        assert_eq!(cli.coordinator, "http://h:1");
+    }
+}

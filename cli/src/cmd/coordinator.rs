@@ -1,0 +1,60 @@
+//! `trainyard coordinator`: the API server, scheduler and state store, in the foreground.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use trainyard_coordinator::CoordinatorConfig;
+
+use crate::args::CoordinatorArgs;
+use crate::cluster::{absolute, location_url, shutdown_signal};
+use crate::error::bad_input;
+
+/// Builds the coordinator's config from the flags.
+pub fn config(args: &CoordinatorArgs) -> Result<CoordinatorConfig> {
+    let data_dir = absolute(&args.data_dir)?;
+    let mut config = CoordinatorConfig::with_data_dir(&data_dir);
+    config.listen = args.listen;
+    if let Some(s) = &args.store {
+        config.store_url = location_url(s)?;
+    }
+    if let Some(o) = &args.objects {
+        config.objects_url = location_url(o)?;
+    }
+    if let Some(secs) = args.heartbeat_timeout {
+        if !(secs.is_finite() && secs > 0.0) {
+            return Err(bad_input(format!(
+                "--heartbeat-timeout {secs}: must be a positive number of seconds"
+            )));
+        }
+        config.heartbeat_timeout = Duration::from_secs_f64(secs);
+        // Keep a few heartbeats inside one timeout.
+        if config.heartbeat_interval.as_secs_f64() * 3.0 > secs {
+            config.heartbeat_interval = Duration::from_secs_f64(secs / 3.0);
+        }
+    }
+    Ok(config)
+}
+
+/// Runs `trainyard coordinator` until Ctrl-C or SIGTERM.
+pub async fn run(args: CoordinatorArgs) -> Result<i32> {
+    let config = config(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let (store, objects) = (config.store_url.clone(), config.objects_url.clone());
+    let handle = trainyard_coordinator::start(config)
+        .await
+        .with_context(|| format!("starting the coordinator on {}", args.listen))?;
+    let addr = handle.local_addr();
+    // The first line of stdout is machine-readable: scripts and tests read the address here.
+    println!("trainyard coordinator listening on {addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, %store, %objects, "coordinator ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle
+        .shutdown()
+        .await
+        .context("stopping the coordinator")?;
+    Ok(0)
+}

@@ -1,0 +1,14 @@
+//! One module per subcommand.
+
+pub mod cancel;
+pub mod checkpoints;
+pub mod coordinator;
+pub mod describe;
+pub mod job_types;
+pub mod jobs;
+pub mod local;
+pub mod logs;
+pub mod run;
+pub mod submit;
+pub mod worker;
+pub mod workers;

@@ -1,0 +1,49 @@
+//! `trainyard worker`: the agent that runs ranks for a coordinator, in the foreground.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use trainyard_worker::{parse_devices, run_worker, WorkerConfig};
+
+use crate::args::WorkerArgs;
+use crate::client::normalize_url;
+use crate::cluster::{absolute, rank_command, shutdown_signal};
+use crate::error::{bad_input, devices_error};
+
+/// This machine's host name (falls back to "worker").
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "worker".to_string())
+}
+
+/// Runs `trainyard worker` until Ctrl-C or SIGTERM.
+pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
+    let devices = parse_devices(args.devices.as_deref(), args.emulate_gpus)
+        .map_err(|e| bad_input(devices_error(&e.to_string())))?;
+    let name = args.name.unwrap_or_else(hostname);
+    let work_dir = args
+        .work_dir
+        .unwrap_or_else(|| PathBuf::from(".trainyard").join("workers").join(&name));
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating work directory {}", work_dir.display()))?;
+    let config = WorkerConfig {
+        coordinator_url: normalize_url(url),
+        name: name.clone(),
+        devices,
+        work_dir: absolute(&work_dir)?,
+        rank_command: rank_command()?,
+    };
+    tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), "worker starting");
+    run_worker(config, shutdown_signal())
+        .await
+        .context("worker failed")?;
+    Ok(0)
+}

@@ -1,0 +1,268 @@
+//! Building a [`JobSpec`] from a spec file plus command-line flags, and validating it
+//! locally against this binary's job registry (so bad input fails before any network call).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Deserialize;
+use trainyard_proto::JobSpec;
+
+use crate::args::SpecArgs;
+use crate::error::bad_input;
+
+/// A spec file (YAML or JSON): the fields of [`JobSpec`]; unknown fields are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    /// Job type.
+    pub job: Option<String>,
+    /// Job name.
+    pub name: Option<String>,
+    /// Config preset.
+    pub preset: Option<String>,
+    /// Config overrides; scalar values (numbers, booleans, strings).
+    pub config: Option<BTreeMap<String, serde_yaml::Value>>,
+    /// Number of ranks.
+    pub ranks: Option<u32>,
+    /// Priority.
+    pub priority: Option<i32>,
+    /// Restarts allowed.
+    pub max_restarts: Option<u32>,
+    /// Device kind.
+    pub device_kind: Option<String>,
+    /// Cancel grace period in seconds.
+    pub grace_period_s: Option<u32>,
+}
+
+impl SpecFile {
+    /// Parses a spec file's text; `name` is used in error messages.
+    pub fn parse(name: &str, text: &str) -> Result<SpecFile> {
+        let is_json = name.ends_with(".json");
+        let parsed = if is_json {
+            serde_json::from_str::<SpecFile>(text).map_err(|e| e.to_string())
+        } else if text.trim().is_empty() {
+            Ok(SpecFile::default())
+        } else {
+            serde_yaml::from_str::<SpecFile>(text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|e| bad_input(format!("spec file {name}: {e}")))
+    }
+
+    /// Reads and parses a spec file.
+    pub fn load(path: &Path) -> Result<SpecFile> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad_input(format!("spec file {name}: cannot read: {e}")))?;
+        SpecFile::parse(&name, &text)
+    }
+}
+
+fn scalar_to_string(key: &str, v: &serde_yaml::Value) -> Result<String> {
+    use serde_yaml::Value;
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::Null => Err(bad_input(format!("spec.config.{key}: missing value"))),
+        _ => Err(bad_input(format!(
+            "spec.config.{key}: expected a number, boolean or string, not a list or map"
+        ))),
+    }
+}
+
+/// Parses one `--set KEY=VALUE`.
+pub fn parse_set(arg: &str) -> Result<(String, String)> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        Some(_) => Err(bad_input(format!(
+            "--set {arg:?}: the key before '=' is empty"
+        ))),
+        None => Err(bad_input(format!(
+            "--set {arg:?}: expected KEY=VALUE (for example --set epochs=2)"
+        ))),
+    }
+}
+
+/// Merges the spec file (if any) with the flags (flags win), then validates locally.
+pub fn build_spec(args: &SpecArgs) -> Result<JobSpec> {
+    let file = match &args.file {
+        Some(path) => SpecFile::load(path)?,
+        None => SpecFile::default(),
+    };
+    merge(file, args)
+}
+
+/// Merges an already-parsed spec file with the flags and validates the result.
+pub fn merge(file: SpecFile, args: &SpecArgs) -> Result<JobSpec> {
+    let mut config = BTreeMap::new();
+    for (k, v) in file.config.unwrap_or_default() {
+        let s = scalar_to_string(&k, &v)?;
+        config.insert(k, s);
+    }
+    for arg in &args.set {
+        let (k, v) = parse_set(arg)?;
+        config.insert(k, v);
+    }
+    let job = args.job.clone().or(file.job).ok_or_else(|| {
+        bad_input(format!(
+            "spec.job: no job given (pass one, e.g. `trainyard submit neural-ode`, or set `job:` \
+             in the spec file; known: {})",
+            trainyard_jobs::registry().names().join(", ")
+        ))
+    })?;
+    let spec = JobSpec {
+        name: args
+            .name
+            .clone()
+            .or(file.name)
+            .unwrap_or_else(|| job.clone()),
+        preset: args.preset.clone().or(file.preset).unwrap_or_default(),
+        job,
+        config: config.into_iter().collect(),
+        ranks: args.ranks.or(file.ranks).unwrap_or(1),
+        priority: args.priority.or(file.priority).unwrap_or(0),
+        max_restarts: args.max_restarts.or(file.max_restarts).unwrap_or(0),
+        device_kind: args
+            .device_kind
+            .clone()
+            .or(file.device_kind)
+            .unwrap_or_default(),
+        grace_period_s: args.grace_period.or(file.grace_period_s).unwrap_or(0),
+    };
+    validate(spec)
+}
+
+/// Checks a spec against this binary's registry the way the coordinator will, and fills
+/// in the default preset. Every error names the field (`spec.config.lr: ...`).
+pub fn validate(mut spec: JobSpec) -> Result<JobSpec> {
+    let registry = trainyard_jobs::registry();
+    let Some(job) = registry.get(&spec.job) else {
+        return Err(bad_input(format!(
+            "spec.job: unknown job {:?} (known: {}; see `trainyard job-types`)",
+            spec.job,
+            registry.names().join(", ")
+        )));
+    };
+    if spec.preset.is_empty() {
+        spec.preset = job.schema().default_preset().to_string();
+    }
+    let overrides: BTreeMap<String, String> = spec
+        .config
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Err(e) = job.resolve_config(&spec.preset, &overrides) {
+        use trainyard_jobs::ConfigError;
+        let field = match &e {
+            ConfigError::UnknownPreset { .. } => "spec.preset".to_string(),
+            ConfigError::UnknownKey { key, .. } => format!("spec.config.{key}"),
+            // The message starts with the key already.
+            ConfigError::InvalidValue { .. } => "spec.config".to_string(),
+        };
+        let sep = if matches!(e, ConfigError::InvalidValue { .. }) {
+            "."
+        } else {
+            ": "
+        };
+        return Err(bad_input(format!("{field}{sep}{e}")));
+    }
+    if spec.ranks == 0 {
+        return Err(bad_input("spec.ranks: must be at least 1"));
+    }
+    if spec.ranks > job.max_ranks() {
+        return Err(bad_input(format!(
+            "spec.ranks: {} supports at most {} rank(s), asked for {}",
+            spec.job,
+            job.max_ranks(),
+            spec.ranks
+        )));
+    }
+    if !matches!(spec.device_kind.as_str(), "" | "cpu" | "gpu") {
+        return Err(bad_input(format!(
+            "spec.device_kind: {:?} is not a device kind (use cpu or gpu, or leave it out for any)",
+            spec.device_kind
+        )));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(job: &str, sets: &[&str]) -> SpecArgs {
+        SpecArgs {
+            job: Some(job.into()),
+            set: sets.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn msg(r: Result<JobSpec>) -> String {
+        let e = r.expect_err("must be rejected");
+        assert_eq!(crate::error::exit_code(&e), crate::error::EXIT_BAD_INPUT);
+        e.to_string()
+    }
+
+    #[test]
+    fn flags_build_a_valid_spec() {
+        let s = build_spec(&args("neural-ode", &["epochs=1", "width=8"])).unwrap();
+        assert_eq!(s.job, "neural-ode");
+        assert_eq!(s.name, "neural-ode");
+        assert_eq!(s.preset, "quick");
+        assert_eq!(s.ranks, 1);
+        assert_eq!(s.config.get("epochs").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn bad_inputs_name_the_field() {
+        assert!(msg(build_spec(&args("nope", &[]))).contains("spec.job: unknown job \"nope\""));
+        assert!(msg(build_spec(&args("neural-ode", &["epochs"]))).contains("--set \"epochs\""));
+        let m = msg(build_spec(&args("neural-ode", &["bogus=1"])));
+        assert!(
+            m.starts_with("spec.config.bogus: unknown config key"),
+            "{m}"
+        );
+        let m = msg(build_spec(&args("neural-ode", &["epochs=abc"])));
+        assert!(m.starts_with("spec.config.epochs: invalid value"), "{m}");
+        let mut a = args("neural-ode", &[]);
+        a.ranks = Some(99);
+        assert!(msg(build_spec(&a)).starts_with("spec.ranks:"));
+        a.ranks = Some(1);
+        a.preset = Some("huge".into());
+        assert!(msg(build_spec(&a)).starts_with("spec.preset: unknown preset"));
+    }
+
+    #[test]
+    fn spec_file_yaml_with_flag_overrides() {
+        let file = SpecFile::parse(
+            "s.yaml",
+            "job: neural-ode\nname: ode\npriority: 5\nconfig:\n  epochs: 1\n  augment: false\n",
+        )
+        .unwrap();
+        let mut a = SpecArgs {
+            set: vec!["epochs=2".into()],
+            ..Default::default()
+        };
+        a.priority = Some(9);
+        let s = merge(file, &a).unwrap();
+        assert_eq!(s.name, "ode");
+        assert_eq!(s.priority, 9);
+        assert_eq!(s.config.get("epochs").map(String::as_str), Some("2"));
+        assert_eq!(s.config.get("augment").map(String::as_str), Some("false"));
+    }
+
+    #[test]
+    fn spec_file_errors_name_the_field() {
+        let e = SpecFile::parse("s.yaml", "job: neural-ode\nrankz: 2\n").unwrap_err();
+        assert!(e.to_string().contains("rankz"), "{e}");
+        let e = SpecFile::parse("s.json", "{\"job\": \"neural-ode\", \"colour\": 1}").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = SpecFile::parse("s.yaml", "job: [unclosed\n").unwrap_err();
+        assert!(e.to_string().starts_with("spec file s.yaml:"), "{e}");
+        let file = SpecFile::parse("s.yaml", "job: neural-ode\nconfig:\n  epochs: [1]\n").unwrap();
+        let e = merge(file, &SpecArgs::default()).unwrap_err();
+        assert!(e.to_string().starts_with("spec.config.epochs:"), "{e}");
+    }
+}

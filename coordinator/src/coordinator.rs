@@ -1,0 +1,843 @@
+//! The coordinator's operations, behind the gRPC services: submit, cancel, watch, worker
+//! registration, heartbeats, rank reports. The scheduling pass is in [`crate::scheduler`].
+//!
+//! One lock ([`Coordinator::state`]) guards the in-memory state; an operation that changes a
+//! job holds it across its store write, so the store and memory never disagree about the
+//! order of changes. Job records are written with compare-and-set at the revision last read.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, Mutex, Notify};
+use tonic::Status;
+use trainyard_proto::{
+    job_event, rank_event, CheckpointInfo, ConfigKey, DeviceUse, Job, JobEvent, JobState, JobType,
+    ListJobsRequest, ListJobsResponse, RankReport, RankState, RegisterWorkerRequest,
+    RegisterWorkerResponse, Transition, Worker, WorkerState,
+};
+
+use crate::state::{
+    self, cancel_ranks, now_unix_ms, CommandReceiver, JobEntry, SlotUse, State, WorkerEntry,
+};
+use crate::store::{JobQuery, StateStore, StoreError};
+use crate::validate::validate_spec;
+
+/// Default and largest page size of `ListJobs`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// Metric updates are written to the store at most this often per job.
+pub const METRIC_FLUSH: Duration = Duration::from_secs(1);
+
+/// An operation's failure, mapped onto a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// Bad input; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request cannot be served in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No such job or worker.
+    #[error("{0}")]
+    NotFound(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The coordinator is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An invariant broke.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<OpError> for Status {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::InvalidArgument(m) => Status::invalid_argument(m),
+            OpError::FailedPrecondition(m) => Status::failed_precondition(m),
+            OpError::NotFound(m) => Status::not_found(m),
+            OpError::Store(e) => Status::unavailable(e.to_string()),
+            OpError::Unavailable(m) => Status::unavailable(m),
+            OpError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+impl From<crate::lifecycle::LifecycleError> for OpError {
+    fn from(e: crate::lifecycle::LifecycleError) -> Self {
+        OpError::FailedPrecondition(e.to_string())
+    }
+}
+
+/// Settings the operations need.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Lease TTL: a worker silent this long is dead.
+    pub heartbeat_timeout: Duration,
+    /// Object-store URL handed to workers.
+    pub objects_url: String,
+}
+
+/// A stream of job events for `WatchJob`.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+/// The coordinator: store, settings, in-memory state and the scheduler's wake-up.
+pub struct Coordinator {
+    /// Durable state.
+    pub store: Arc<dyn StateStore>,
+    /// Settings.
+    pub settings: Settings,
+    /// In-memory state (one lock).
+    pub state: Mutex<State>,
+    /// Wakes the scheduler loop.
+    pub wake: Notify,
+    last_id_ms: AtomicI64,
+    closing: AtomicBool,
+}
+
+/// Writes a tracked job with compare-and-set at the revision it was read at.
+pub async fn save(store: &dyn StateStore, entry: &mut JobEntry) -> Result<(), StoreError> {
+    let expected = entry.job.revision;
+    match store.update_job(entry.job.clone(), expected).await {
+        Ok(stored) => {
+            entry.job = stored;
+            entry.dirty = false;
+            entry.last_flush = Instant::now();
+            Ok(())
+        }
+        Err(e @ StoreError::Conflict { .. }) => {
+            // Someone else wrote the job: take theirs, report ours as lost.
+            tracing::error!(job = %entry.job.id, error = %e, "job changed behind the coordinator's back; reloading");
+            if let Ok(Some(job)) = store.get_job(&entry.job.id).await {
+                entry.job = job;
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn base36(mut v: u64, width: usize) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![b'0'; width];
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(v % 36) as usize];
+        v /= 36;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn rank_state_name(s: RankState) -> &'static str {
+    match s {
+        RankState::Unspecified => "unspecified",
+        RankState::Starting => "starting",
+        RankState::Running => "running",
+        RankState::Succeeded => "succeeded",
+        RankState::Failed => "failed",
+        RankState::Cancelled => "cancelled",
+    }
+}
+
+impl Coordinator {
+    /// A coordinator over `store`.
+    pub fn new(store: Arc<dyn StateStore>, settings: Settings) -> Self {
+        Self {
+            store,
+            settings,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            last_id_ms: AtomicI64::new(0),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// A new job id and its creation time: `job-` + 8 base-36 digits of the creation
+    /// millisecond (strictly increasing within a process, so ids sort in submit order)
+    /// + 4 random hex digits (unique across restarts and coordinators).
+    fn new_job_id(&self) -> (String, i64) {
+        let now = now_unix_ms();
+        let mut prev = self.last_id_ms.load(Ordering::SeqCst);
+        let ms = loop {
+            let ms = now.max(prev + 1);
+            match self
+                .last_id_ms
+                .compare_exchange(prev, ms, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break ms,
+                Err(actual) => prev = actual,
+            }
+        };
+        let rand = (uuid::Uuid::new_v4().as_u128() & 0xffff) as u16;
+        (format!("job-{}{rand:04x}", base36(ms.max(0) as u64, 8)), ms)
+    }
+
+    /// Loads unfinished jobs after a (re)start. Jobs stored as SCHEDULED/RUNNING are
+    /// orphans: their workers have a grace period to re-register with the ranks of the
+    /// current attempt; otherwise the scheduler requeues them.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        let mut st = self.state.lock().await;
+        let mut after = None;
+        let mut orphans = 0;
+        loop {
+            let page = self
+                .store
+                .list_jobs(&JobQuery {
+                    states: vec![JobState::Pending, JobState::Scheduled, JobState::Running],
+                    limit: 500,
+                    after,
+                })
+                .await?;
+            for job in page.jobs {
+                let mut entry = JobEntry::new(job);
+                if matches!(entry.job.state(), JobState::Scheduled | JobState::Running) {
+                    entry.orphaned = true;
+                    orphans += 1;
+                }
+                st.jobs.insert(entry.job.id.clone(), entry);
+            }
+            match page.next_after {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        if orphans > 0 {
+            st.orphan_deadline = Some(
+                Instant::now() + self.settings.heartbeat_timeout + self.settings.heartbeat_interval,
+            );
+        }
+        tracing::info!(
+            jobs = st.jobs.len(),
+            orphans,
+            "recovered jobs from the store"
+        );
+        Ok(())
+    }
+
+    /// Validates and stores a new PENDING job.
+    pub async fn submit(&self, spec: Option<trainyard_proto::JobSpec>) -> Result<Job, OpError> {
+        let valid =
+            validate_spec(trainyard_jobs::registry(), spec).map_err(OpError::InvalidArgument)?;
+        let mut st = self.state.lock().await;
+        if !st.workers.is_empty() {
+            crate::scheduler::placement::fits_ever(&valid.spec, &st.cluster_view())
+                .map_err(OpError::FailedPrecondition)?;
+        }
+        let mut tries = 0;
+        let stored = loop {
+            let (id, now) = self.new_job_id();
+            let job = Job {
+                id,
+                spec: Some(valid.spec.clone()),
+                state: JobState::Pending as i32,
+                state_reason: "queued".into(),
+                transitions: vec![Transition {
+                    from: JobState::Unspecified as i32,
+                    to: JobState::Pending as i32,
+                    at_unix_ms: now,
+                    reason: "submitted".into(),
+                }],
+                created_unix_ms: now,
+                resolved_config_json: valid.resolved_config_json.clone(),
+                ..Default::default()
+            };
+            match self.store.create_job(job).await {
+                Ok(j) => break j,
+                Err(StoreError::AlreadyExists(_)) if tries < 5 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        tracing::info!(job = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, "job submitted");
+        st.jobs
+            .insert(stored.id.clone(), JobEntry::new(stored.clone()));
+        drop(st);
+        self.wake.notify_one();
+        Ok(stored)
+    }
+
+    /// Makes sure a job is tracked in memory (loading it from the store).
+    async fn ensure_tracked(&self, st: &mut State, id: &str) -> Result<(), OpError> {
+        if !st.jobs.contains_key(id) {
+            let job = self
+                .store
+                .get_job(id)
+                .await?
+                .ok_or_else(|| OpError::NotFound(format!("job {id} not found")))?;
+            st.jobs.insert(id.to_string(), JobEntry::new(job));
+        }
+        Ok(())
+    }
+
+    /// The job, with its latest (possibly not yet flushed) metrics.
+    pub async fn get_job(&self, id: &str) -> Result<Job, OpError> {
+        {
+            let st = self.state.lock().await;
+            if let Some(e) = st.jobs.get(id) {
+                return Ok(e.job.clone());
+            }
+        }
+        self.store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| OpError::NotFound(format!("job {id} not found")))
+    }
+
+    /// Jobs by state, paged (the page token is the last id of the previous page).
+    pub async fn list_jobs(&self, req: ListJobsRequest) -> Result<ListJobsResponse, OpError> {
+        let states: Vec<JobState> = req
+            .states
+            .iter()
+            .map(|s| JobState::try_from(*s).unwrap_or(JobState::Unspecified))
+            .collect();
+        if states.contains(&JobState::Unspecified) {
+            return Err(OpError::InvalidArgument(
+                "states: unknown or unspecified job state".into(),
+            ));
+        }
+        let limit = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = (!req.page_token.is_empty()).then(|| req.page_token.clone());
+        let page = self
+            .store
+            .list_jobs(&JobQuery {
+                states,
+                limit,
+                after,
+            })
+            .await?;
+        let st = self.state.lock().await;
+        let jobs = page
+            .jobs
+            .into_iter()
+            .map(|j| match st.jobs.get(&j.id) {
+                Some(e) if e.job.revision >= j.revision => e.job.clone(),
+                _ => j,
+            })
+            .collect();
+        Ok(ListJobsResponse {
+            jobs,
+            next_page_token: page.next_after.unwrap_or_default(),
+        })
+    }
+
+    /// Cancels a job: at once if PENDING; SCHEDULED/RUNNING ranks get CancelRank (their
+    /// devices stay reserved until the worker reports them gone or dies).
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<Job, OpError> {
+        let mut guard = self.state.lock().await;
+        self.ensure_tracked(&mut guard, id).await?;
+        let st = &mut *guard;
+        let entry = st
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| OpError::Internal(format!("job {id} vanished")))?;
+        let state = entry.job.state();
+        if state.is_terminal() {
+            return Err(OpError::FailedPrecondition(format!(
+                "job {id} is already {}",
+                state.short_name()
+            )));
+        }
+        let reason = match reason.trim() {
+            "" => "cancelled by user".to_string(),
+            r if r.to_ascii_lowercase().starts_with("cancel") => r.to_string(),
+            r => format!("cancelled: {r}"),
+        };
+        let before = entry.job.clone();
+        entry.transition(JobState::Cancelled, &reason)?;
+        save(self.store.as_ref(), entry).await?;
+        let job = entry.job.clone();
+        cancel_ranks(&st.workers, &before, &reason, None);
+        tracing::info!(job = %id, from = state.short_name(), "job cancelled");
+        Ok(job)
+    }
+
+    /// The job's history, then (if `follow`) live events until it ends.
+    pub async fn watch(&self, id: &str, follow: bool) -> Result<EventStream, OpError> {
+        self.check_open()?;
+        let mut st = self.state.lock().await;
+        self.ensure_tracked(&mut st, id).await?;
+        let entry = st
+            .jobs
+            .get(id)
+            .ok_or_else(|| OpError::Internal(format!("job {id} vanished")))?;
+        let (history, last_n, rx) = entry.history.snapshot();
+        let follow = follow && !entry.job.state().is_terminal();
+        drop(st);
+        let history = futures::stream::iter(history.into_iter().map(Ok));
+        let stream: EventStream = if follow {
+            Box::pin(history.chain(live_events(rx, last_n)))
+        } else {
+            Box::pin(history)
+        };
+        let mut seq = 0u64;
+        Ok(Box::pin(stream.map(move |item| {
+            item.map(|mut ev| {
+                ev.seq = seq;
+                seq += 1;
+                ev
+            })
+        })))
+    }
+
+    /// A job's checkpoints from the store.
+    pub async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, OpError> {
+        if self.store.get_job(job_id).await?.is_none() {
+            return Err(OpError::NotFound(format!("job {job_id} not found")));
+        }
+        Ok(self.store.list_checkpoints(job_id).await?)
+    }
+
+    /// The registry's job types, with presets and config keys.
+    pub fn list_job_types(&self) -> Vec<JobType> {
+        trainyard_jobs::registry()
+            .iter()
+            .map(|job| {
+                let schema = job.schema();
+                let default_preset = schema.default_preset();
+                JobType {
+                    name: job.name().to_string(),
+                    description: job.description().to_string(),
+                    presets: schema.presets().iter().map(|p| p.to_string()).collect(),
+                    default_preset: default_preset.to_string(),
+                    keys: schema
+                        .keys()
+                        .iter()
+                        .map(|k| ConfigKey {
+                            name: k.name.to_string(),
+                            kind: match k.kind {
+                                trainyard_jobs::ConfigKind::Int { .. } => "int",
+                                trainyard_jobs::ConfigKind::Float { .. } => "float",
+                                trainyard_jobs::ConfigKind::Bool => "bool",
+                                trainyard_jobs::ConfigKind::Str => "string",
+                                trainyard_jobs::ConfigKind::Choice(_) => "choice",
+                            }
+                            .to_string(),
+                            help: k.help.to_string(),
+                            default: k.default_for(default_preset).to_string(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Adds a worker; adopts ranks of orphaned jobs it still runs, cancels stale ones.
+    pub async fn register_worker(
+        &self,
+        req: RegisterWorkerRequest,
+    ) -> Result<RegisterWorkerResponse, OpError> {
+        self.check_open()?;
+        let mut seen = BTreeSet::new();
+        for d in &req.devices {
+            if !seen.insert(d.index) {
+                return Err(OpError::InvalidArgument(format!(
+                    "devices: duplicate device index {}",
+                    d.index
+                )));
+            }
+            if d.kind.is_empty() {
+                return Err(OpError::InvalidArgument(format!(
+                    "devices[{}].kind: missing",
+                    d.index
+                )));
+            }
+        }
+        let id = format!("w-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let now = now_unix_ms();
+        let record = Worker {
+            id: id.clone(),
+            name: if req.name.is_empty() {
+                id.clone()
+            } else {
+                req.name.clone()
+            },
+            hostname: req.hostname.clone(),
+            state: WorkerState::Alive as i32,
+            devices: req.devices.clone(),
+            used: vec![],
+            registered_unix_ms: now,
+            last_heartbeat_unix_ms: now,
+        };
+        let mut guard = self.state.lock().await;
+        self.store
+            .register_worker(record.clone(), self.settings.heartbeat_timeout)
+            .await?;
+        let st = &mut *guard;
+        let mut entry = WorkerEntry::new(record);
+        let mut to_save = Vec::new();
+        for rs in &req.running {
+            let rank_state = rs.state();
+            let alive_rank = !matches!(
+                rank_state,
+                RankState::Succeeded | RankState::Failed | RankState::Cancelled
+            );
+            if !alive_rank {
+                continue;
+            }
+            let adopt = match st.jobs.get_mut(&rs.job_id) {
+                Some(je)
+                    if je.orphaned
+                        && je.job.attempt == rs.attempt
+                        && rs.rank < je.world_size()
+                        && !je.adopted.contains(&rs.rank) =>
+                {
+                    je.adopted.insert(rs.rank);
+                    je.ranks.insert(rs.rank, rank_state);
+                    if let Some(p) = je.job.placement.iter_mut().find(|p| p.rank == rs.rank) {
+                        p.worker_id = id.clone();
+                        p.device_index = rs.device_index;
+                    }
+                    if je.adopted.len() as u32 == je.world_size() {
+                        je.orphaned = false;
+                        je.adopted.clear();
+                        je.job.state_reason = format!(
+                            "all {} rank(s) came back after a coordinator restart",
+                            je.world_size()
+                        );
+                        to_save.push(rs.job_id.clone());
+                        tracing::info!(job = %rs.job_id, "all ranks came back after restart; job kept");
+                    }
+                    true
+                }
+                _ => false,
+            };
+            entry.used.insert(
+                rs.device_index,
+                SlotUse {
+                    job_id: rs.job_id.clone(),
+                    attempt: rs.attempt,
+                    rank: rs.rank,
+                },
+            );
+            if !adopt {
+                entry.send(trainyard_proto::worker_command::Command::Cancel(
+                    trainyard_proto::CancelRank {
+                        job_id: rs.job_id.clone(),
+                        attempt: rs.attempt,
+                        rank: rs.rank,
+                        reason: "stale attempt: the job was requeued, finished or is unknown"
+                            .into(),
+                    },
+                ));
+            }
+        }
+        tracing::info!(worker = %id, name = %entry.record.name, devices = entry.record.devices.len(), running = req.running.len(), "worker registered");
+        st.workers.insert(id.clone(), entry);
+        for job_id in to_save {
+            if let Some(je) = st.jobs.get_mut(&job_id) {
+                if let Err(e) = save(self.store.as_ref(), je).await {
+                    tracing::error!(job = %job_id, error = %e, "saving adopted placement failed");
+                }
+            }
+        }
+        drop(guard);
+        self.wake.notify_one();
+        Ok(RegisterWorkerResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: self.settings.heartbeat_timeout.as_millis() as u32,
+            objects_url: self.settings.objects_url.clone(),
+        })
+    }
+
+    /// Renews a worker's lease. False if the coordinator does not know it.
+    pub async fn heartbeat(&self, worker_id: &str) -> Result<bool, OpError> {
+        Ok(self.store.keep_alive(worker_id).await?)
+    }
+
+    /// The receiving end of a worker's command stream (commands sent before the stream
+    /// opened are in it). A second stream for the same worker replaces the first.
+    pub async fn stream_commands(&self, worker_id: &str) -> Result<CommandReceiver, OpError> {
+        self.check_open()?;
+        let mut st = self.state.lock().await;
+        let w = st
+            .workers
+            .get_mut(worker_id)
+            .ok_or_else(|| OpError::NotFound(format!("worker {worker_id} not registered")))?;
+        match w.pending_rx.take() {
+            Some(rx) => Ok(rx),
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                w.commands = tx;
+                Ok(rx)
+            }
+        }
+    }
+
+    /// Applies a batch of rank events. Returns false if the report is for a stale attempt
+    /// (the rank must stop); terminal rank states still free their device.
+    pub async fn report_rank(&self, req: RankReport) -> Result<bool, OpError> {
+        let mut guard = self.state.lock().await;
+        let tracked = match self.ensure_tracked(&mut guard, &req.job_id).await {
+            Ok(()) => true,
+            Err(OpError::NotFound(_)) => false,
+            Err(e) => return Err(e),
+        };
+        if !tracked {
+            // Unknown job: free whatever it held on this worker.
+            for ev in &req.events {
+                if let Some(rank_event::Kind::State(s)) = &ev.kind {
+                    if is_rank_gone(s.state()) {
+                        state::release(
+                            &mut guard.workers,
+                            &req.worker_id,
+                            &req.job_id,
+                            req.attempt,
+                            req.rank,
+                        );
+                    }
+                }
+            }
+            return Ok(false);
+        }
+        let st = &mut *guard;
+        let workers = &mut st.workers;
+        let entry = st
+            .jobs
+            .get_mut(&req.job_id)
+            .ok_or_else(|| OpError::Internal("job vanished".into()))?;
+        let current = !entry.job.state().is_terminal()
+            && req.attempt == entry.job.attempt
+            && entry
+                .job
+                .placement
+                .iter()
+                .any(|p| p.rank == req.rank && p.worker_id == req.worker_id);
+        let mut need_save = false;
+        let mut wake = false;
+        for ev in req.events {
+            let at = if ev.at_unix_ms > 0 {
+                ev.at_unix_ms
+            } else {
+                now_unix_ms()
+            };
+            let Some(kind) = ev.kind else { continue };
+            if let rank_event::Kind::State(change) = &kind {
+                if is_rank_gone(change.state())
+                    && state::release(workers, &req.worker_id, &req.job_id, req.attempt, req.rank)
+                {
+                    wake = true;
+                }
+            }
+            if !current || entry.job.state().is_terminal() || entry.job.attempt != req.attempt {
+                continue;
+            }
+            match kind {
+                rank_event::Kind::State(change) => {
+                    let rs = change.state();
+                    entry.ranks.insert(req.rank, rs);
+                    match rs {
+                        RankState::Running => {
+                            if entry.job.state() == JobState::Scheduled {
+                                entry.transition(
+                                    JobState::Running,
+                                    &format!("rank {} running on {}", req.rank, req.worker_id),
+                                )?;
+                                need_save = true;
+                            }
+                        }
+                        RankState::Succeeded => {
+                            let world = entry.world_size();
+                            let all = (0..world)
+                                .all(|r| entry.ranks.get(&r) == Some(&RankState::Succeeded));
+                            if all {
+                                if entry.job.state() == JobState::Scheduled {
+                                    entry.transition(
+                                        JobState::Running,
+                                        &format!("rank {} ran", req.rank),
+                                    )?;
+                                }
+                                entry.transition(
+                                    JobState::Succeeded,
+                                    &format!("all {world} rank(s) succeeded"),
+                                )?;
+                                need_save = true;
+                            }
+                        }
+                        RankState::Failed | RankState::Cancelled => {
+                            let mut msg = format!(
+                                "rank {} {} on {}",
+                                req.rank,
+                                rank_state_name(rs),
+                                req.worker_id
+                            );
+                            if !change.message.is_empty() {
+                                msg.push_str(&format!(": {}", change.message));
+                            }
+                            if rs == RankState::Failed {
+                                msg.push_str(&format!(" (exit code {})", change.exit_code));
+                            }
+                            let before = entry.job.clone();
+                            let to = entry.requeue_or_fail(&msg)?;
+                            tracing::info!(job = %req.job_id, rank = req.rank, to = to.short_name(), "rank ended badly: {msg}");
+                            cancel_ranks(workers, &before, &msg, Some((&req.worker_id, req.rank)));
+                            need_save = true;
+                            wake = true;
+                        }
+                        RankState::Starting | RankState::Unspecified => {}
+                    }
+                }
+                rank_event::Kind::Log(l) => entry.history.push(at, job_event::Kind::Log(l)),
+                rank_event::Kind::Progress(p) => {
+                    entry.history.push(at, job_event::Kind::Progress(p))
+                }
+                rank_event::Kind::Metric(m) => {
+                    for (k, v) in &m.values {
+                        entry.job.latest_metrics.insert(k.clone(), *v);
+                    }
+                    entry.job.latest_step = entry.job.latest_step.max(m.step);
+                    entry.dirty = true;
+                    entry.history.push(at, job_event::Kind::Metric(m));
+                }
+                rank_event::Kind::Checkpoint(mut cp) => {
+                    if cp.job_id.is_empty() {
+                        cp.job_id = req.job_id.clone();
+                    }
+                    if cp.attempt == 0 {
+                        cp.attempt = req.attempt;
+                    }
+                    if cp.created_unix_ms == 0 {
+                        cp.created_unix_ms = at;
+                    }
+                    self.store.record_checkpoint(cp.clone()).await?;
+                    let newer = entry
+                        .job
+                        .latest_checkpoint
+                        .as_ref()
+                        .map(|c| c.step <= cp.step)
+                        .unwrap_or(true);
+                    if newer {
+                        entry.job.latest_checkpoint = Some(cp.clone());
+                    }
+                    need_save = true;
+                    entry.history.push(at, job_event::Kind::Checkpoint(cp));
+                }
+                rank_event::Kind::Result(r) => {
+                    entry.job.result = Some(r.clone());
+                    need_save = true;
+                    entry.history.push(at, job_event::Kind::Result(r));
+                }
+            }
+        }
+        if need_save {
+            save(self.store.as_ref(), entry).await?;
+        }
+        drop(guard);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(current)
+    }
+
+    /// Alive workers (and recently dead ones) with their devices and used slots.
+    pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<Worker>, OpError> {
+        let alive = self.store.list_workers().await?;
+        let st = self.state.lock().await;
+        let mut out: Vec<Worker> = alive
+            .into_iter()
+            .filter_map(|mut w| {
+                let entry = st.workers.get(&w.id)?;
+                w.devices = entry.record.devices.clone();
+                w.used = entry
+                    .used
+                    .iter()
+                    .map(|(i, u)| DeviceUse {
+                        device_index: *i,
+                        job_id: u.job_id.clone(),
+                        rank: u.rank,
+                    })
+                    .collect();
+                Some(w)
+            })
+            .collect();
+        if include_dead {
+            out.extend(st.dead_workers.iter().cloned());
+        }
+        Ok(out)
+    }
+
+    /// Refuses new streams and registrations once the coordinator is shutting down.
+    fn check_open(&self) -> Result<(), OpError> {
+        if self.closing.load(Ordering::SeqCst) {
+            Err(OpError::Unavailable(
+                "the coordinator is shutting down".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Ends every server stream (worker command streams, job watches) for a shutdown and
+    /// refuses new ones.
+    pub async fn close_streams(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let mut st = self.state.lock().await;
+        st.workers.clear();
+        st.jobs.clear();
+    }
+}
+
+fn is_rank_gone(s: RankState) -> bool {
+    matches!(
+        s,
+        RankState::Succeeded | RankState::Failed | RankState::Cancelled
+    )
+}
+
+fn is_terminal_transition(ev: &JobEvent) -> bool {
+    match &ev.kind {
+        Some(job_event::Kind::Transition(t)) => t.to().is_terminal(),
+        _ => false,
+    }
+}
+
+/// Live events after `last_n`, ending after the job's terminal transition.
+fn live_events(
+    rx: broadcast::Receiver<(u64, JobEvent)>,
+    last_n: Option<u64>,
+) -> impl Stream<Item = Result<JobEvent, Status>> + Send {
+    futures::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        loop {
+            match rx.recv().await {
+                Ok((n, _)) if last_n.is_some_and(|l| n <= l) => continue,
+                Ok((_, ev)) => {
+                    let done = is_terminal_transition(&ev);
+                    return Some((Ok(ev), (!done).then_some(rx)));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    return Some((
+                        Err(Status::resource_exhausted(format!(
+                            "watcher fell {n} events behind; watch again"
+                        ))),
+                        None,
+                    ))
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base36_is_fixed_width_and_order_preserving() {
+        assert_eq!(base36(0, 4), "0000");
+        assert_eq!(base36(35, 2), "0z");
+        let a = base36(1_700_000_000_000, 8);
+        let b = base36(1_700_000_000_001, 8);
+        assert_eq!(a.len(), 8);
+        assert!(a < b);
+    }
+}

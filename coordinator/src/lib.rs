@@ -1,0 +1,258 @@
+//! Trainyard's coordinator: the gRPC API server (JobService, WorkerService, ClusterService,
+//! gRPC health and server reflection on one port), the scheduler and the state store.
+//!
+//! Layout (Ballista style — scheduling logic is pure, state sits behind a narrow trait):
+//! - [`store`]: the [`store::StateStore`] trait (etcd semantics) and its embedded redb backend;
+//! - [`lifecycle`]: the job state machine;
+//! - [`scheduler::placement`]: placement as a pure function; [`scheduler`]: the loop;
+//! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), trainyard_coordinator::CoordinatorError> {
+//! let config = trainyard_coordinator::CoordinatorConfig::with_data_dir(std::path::Path::new("/tmp/ty"));
+//! let handle = trainyard_coordinator::start(config).await?;
+//! println!("listening on {}", handle.local_addr());
+//! handle.shutdown().await
+//! # }
+//! ```
+
+pub mod coordinator;
+pub mod lifecycle;
+pub mod scheduler;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use trainyard_proto::cluster_service_server::ClusterServiceServer;
+use trainyard_proto::job_service_server::JobServiceServer;
+use trainyard_proto::worker_service_server::WorkerServiceServer;
+
+use crate::coordinator::{Coordinator, Settings};
+use crate::service::{ClusterApi, JobApi, WorkerApi};
+use crate::store::StoreError;
+
+/// How the coordinator runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Address to serve on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// State store: `file:///abs/path/state.redb` (embedded redb).
+    pub store_url: String,
+    /// Object store for checkpoints: `file:///abs/path/objects`.
+    pub objects_url: String,
+    /// How often workers heartbeat (default 1 s).
+    pub heartbeat_interval: Duration,
+    /// A worker silent this long is dead (default 5 s).
+    pub heartbeat_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    /// Defaults with the store and the objects under `dir`; listens on 127.0.0.1:7800.
+    pub fn with_data_dir(dir: &Path) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7800)),
+            store_url: format!("file://{}", dir.join("state.redb").display()),
+            objects_url: format!("file://{}", dir.join("objects").display()),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the coordinator could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The configuration is unusable.
+    #[error("invalid coordinator config: {0}")]
+    Config(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server error: {0}")]
+    Server(#[from] tonic::transport::Error),
+    /// A background task panicked or was aborted.
+    #[error("coordinator task failed: {0}")]
+    Task(String),
+}
+
+/// A running coordinator. Dropping the handle without [`CoordinatorHandle::wait`] or
+/// [`CoordinatorHandle::shutdown`] also stops the server (gracefully, in the background).
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    scheduler: JoinHandle<()>,
+}
+
+/// How long a graceful shutdown waits for the server to drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl CoordinatorHandle {
+    /// The address the server listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops the server and the scheduler gracefully: open streams end, in-flight calls finish.
+    pub async fn shutdown(self) -> Result<(), CoordinatorError> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Waits until the server ends (after [`CoordinatorHandle::shutdown`] or a fatal error).
+    pub async fn wait(self) -> Result<(), CoordinatorError> {
+        let mut server = self.server;
+        let served = if *self.shutdown.borrow() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("server did not drain in time; aborting it");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        } else {
+            (&mut server).await
+        };
+        let _ = self.shutdown.send(true);
+        let sched = self.scheduler.await;
+        served.map_err(|e| CoordinatorError::Task(e.to_string()))??;
+        sched.map_err(|e| CoordinatorError::Task(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Prepares the object store location (creates the folder of a `file://` URL).
+fn prepare_objects(url: &str) -> Result<(), CoordinatorError> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(CoordinatorError::Config(format!(
+                "objects_url {url}: the path must be absolute"
+            )));
+        }
+        std::fs::create_dir_all(path).map_err(|e| {
+            CoordinatorError::Config(format!("objects_url {url}: cannot create the folder: {e}"))
+        })?;
+        Ok(())
+    } else if url.contains("://") {
+        // Other schemes (s3://...) are the workers' business.
+        Ok(())
+    } else {
+        Err(CoordinatorError::Config(format!(
+            "objects_url {url}: expected a URL such as file:///abs/path/objects"
+        )))
+    }
+}
+
+/// Opens the store, recovers unfinished jobs, binds the port and serves every service.
+pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
+    if config.heartbeat_timeout.is_zero() || config.heartbeat_interval.is_zero() {
+        return Err(CoordinatorError::Config(
+            "heartbeat_interval and heartbeat_timeout must be > 0".into(),
+        ));
+    }
+    if config.heartbeat_timeout <= config.heartbeat_interval {
+        return Err(CoordinatorError::Config(
+            "heartbeat_timeout must be longer than heartbeat_interval".into(),
+        ));
+    }
+    prepare_objects(&config.objects_url)?;
+    let store = store::open_store(&config.store_url)?;
+    let coord = Arc::new(Coordinator::new(
+        Arc::new(store),
+        Settings {
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            objects_url: config.objects_url.clone(),
+        },
+    ));
+    coord.recover().await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<JobApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    health
+        .set_serving::<ClusterServiceServer<ClusterApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trainyard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Config(format!("reflection: {e}")))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let scheduler = tokio::spawn(scheduler::run(coord.clone(), shutdown_rx.clone()));
+
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(JobServiceServer::new(JobApi {
+            coord: coord.clone(),
+        }))
+        .add_service(WorkerServiceServer::new(WorkerApi {
+            coord: coord.clone(),
+        }))
+        .add_service(ClusterServiceServer::new(ClusterApi {
+            coord: coord.clone(),
+        }));
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(async move {
+        let signal = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            // End the long-lived streams so the graceful shutdown can finish.
+            coord.close_streams().await;
+        };
+        server
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .await
+    });
+    tracing::info!(addr = %local_addr, store = %config.store_url, "coordinator listening");
+    Ok(CoordinatorHandle {
+        local_addr,
+        shutdown: shutdown_tx,
+        server,
+        scheduler,
+    })
+}

@@ -1,0 +1,249 @@
+//! The scheduler loop: woken on submit, worker changes and rank reports (and on a short
+//! tick), it expires dead workers, requeues their jobs, runs the pure [`placement::place`]
+//! over the queue, commits placements (SCHEDULED, compare-and-set) and pushes the
+//! assignments down the workers' command streams.
+
+pub mod placement;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use trainyard_proto::{
+    worker_command, JobState, RankAssignment, RankPlacement, RankState, WorkerState,
+};
+
+use crate::coordinator::{save, Coordinator, METRIC_FLUSH};
+use crate::state::{cancel_ranks, SlotUse, State};
+use crate::store::StoreError;
+use placement::{place, Assignment, QueuedJob};
+
+/// Default grace period of a cancelled rank, in seconds.
+const DEFAULT_GRACE_S: u32 = 10;
+
+/// Runs scheduling passes until `shutdown` turns true.
+pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    let tick = (coord.settings.heartbeat_timeout / 4)
+        .clamp(Duration::from_millis(50), Duration::from_millis(500));
+    loop {
+        if let Err(e) = coord.pass().await {
+            tracing::error!(error = %e, "scheduling pass failed");
+        }
+        tokio::select! {
+            _ = coord.wake.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    tracing::debug!("scheduler stopped");
+}
+
+fn describe_placement(a: &Assignment) -> String {
+    let mut by_worker: Vec<(String, Vec<u32>, String)> = Vec::new();
+    for r in &a.ranks {
+        match by_worker.iter_mut().find(|(w, _, _)| *w == r.worker_id) {
+            Some((_, idx, _)) => idx.push(r.device_index),
+            None => by_worker.push((
+                r.worker_id.clone(),
+                vec![r.device_index],
+                r.device_kind.clone(),
+            )),
+        }
+    }
+    let parts: Vec<String> = by_worker
+        .iter()
+        .map(|(w, idx, kind)| {
+            let idx: Vec<String> = idx.iter().map(u32::to_string).collect();
+            format!("{w} ({kind} {})", idx.join(","))
+        })
+        .collect();
+    format!("placed on {}", parts.join(", "))
+}
+
+impl Coordinator {
+    /// One scheduling pass (see the module docs).
+    pub async fn pass(&self) -> Result<(), StoreError> {
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
+        self.expire_workers(st).await?;
+        self.requeue_orphans(st).await?;
+        let queue: Vec<QueuedJob> = st
+            .jobs
+            .values()
+            .filter(|e| e.job.state() == JobState::Pending)
+            .map(|e| {
+                let spec = e.job.spec.clone().unwrap_or_default();
+                QueuedJob {
+                    id: e.job.id.clone(),
+                    priority: spec.priority,
+                    submitted_unix_ms: e.job.created_unix_ms,
+                    ranks: spec.ranks.max(1),
+                    device_kind: spec.device_kind,
+                }
+            })
+            .collect();
+        if !queue.is_empty() {
+            let result = place(&queue, &st.cluster_view());
+            for a in result.assignments {
+                self.start(st, a).await;
+            }
+            for w in result.waiting {
+                if let Some(entry) = st.jobs.get_mut(&w.job_id) {
+                    if entry.job.state_reason != w.reason {
+                        entry.job.state_reason = w.reason;
+                        save(self.store.as_ref(), entry).await?;
+                    }
+                }
+            }
+        }
+        for entry in st.jobs.values_mut() {
+            if entry.dirty && entry.last_flush.elapsed() >= METRIC_FLUSH {
+                save(self.store.as_ref(), entry).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits one placement and pushes its assignments.
+    async fn start(&self, st: &mut State, a: Assignment) {
+        let Some(entry) = st.jobs.get_mut(&a.job_id) else {
+            return;
+        };
+        let reason = describe_placement(&a);
+        if let Err(e) = entry.transition(JobState::Scheduled, &reason) {
+            tracing::error!(job = %a.job_id, error = %e, "cannot schedule");
+            return;
+        }
+        entry.job.placement = a
+            .ranks
+            .iter()
+            .map(|r| RankPlacement {
+                rank: r.rank,
+                worker_id: r.worker_id.clone(),
+                device_index: r.device_index,
+            })
+            .collect();
+        if let Err(e) = save(self.store.as_ref(), entry).await {
+            tracing::error!(job = %a.job_id, error = %e, "storing the placement failed; not starting");
+            if let Ok(Some(job)) = self.store.get_job(&a.job_id).await {
+                entry.job = job;
+            }
+            return;
+        }
+        let job = entry.job.clone();
+        let spec = job.spec.clone().unwrap_or_default();
+        let world_size = spec.ranks.max(1);
+        for r in &a.ranks {
+            entry.ranks.insert(r.rank, RankState::Starting);
+        }
+        tracing::info!(job = %job.id, attempt = job.attempt, "{reason}");
+        for r in &a.ranks {
+            let Some(w) = st.workers.get_mut(&r.worker_id) else {
+                continue;
+            };
+            w.used.insert(
+                r.device_index,
+                SlotUse {
+                    job_id: job.id.clone(),
+                    attempt: job.attempt,
+                    rank: r.rank,
+                },
+            );
+            w.send(worker_command::Command::Assign(RankAssignment {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                rank: r.rank,
+                world_size,
+                job: spec.job.clone(),
+                config_json: job.resolved_config_json.clone(),
+                objects_url: self.settings.objects_url.clone(),
+                resume_from: job.latest_checkpoint.clone(),
+                device_index: r.device_index,
+                device_kind: r.device_kind.clone(),
+                grace_period_s: if spec.grace_period_s == 0 {
+                    DEFAULT_GRACE_S
+                } else {
+                    spec.grace_period_s
+                },
+                peers: job.placement.clone(),
+            }));
+        }
+    }
+
+    /// Removes workers whose lease ran out and requeues (or fails) their jobs.
+    async fn expire_workers(&self, st: &mut State) -> Result<(), StoreError> {
+        for dead in self.store.expire_workers().await? {
+            let Some(entry) = st.workers.remove(&dead.id) else {
+                continue;
+            };
+            let mut record = entry.record.clone();
+            record.state = WorkerState::Dead as i32;
+            record.last_heartbeat_unix_ms = dead.last_heartbeat_unix_ms;
+            st.remember_dead(record);
+            let hit: BTreeSet<(String, u32)> = entry
+                .used
+                .values()
+                .map(|u| (u.job_id.clone(), u.attempt))
+                .collect();
+            tracing::warn!(worker = %dead.id, name = %dead.name, jobs = hit.len(), "worker missed its heartbeat deadline; declared dead");
+            let reason = format!("worker {} ({}) stopped heartbeating", dead.id, dead.name);
+            for (job_id, attempt) in hit {
+                let Some(je) = st.jobs.get_mut(&job_id) else {
+                    continue;
+                };
+                if je.job.attempt != attempt
+                    || !matches!(je.job.state(), JobState::Scheduled | JobState::Running)
+                {
+                    continue;
+                }
+                let before = je.job.clone();
+                match je.requeue_or_fail(&reason) {
+                    Ok(to) => tracing::info!(job = %job_id, to = to.short_name(), "{reason}"),
+                    Err(e) => {
+                        tracing::error!(job = %job_id, error = %e, "cannot requeue");
+                        continue;
+                    }
+                }
+                save(self.store.as_ref(), je).await?;
+                cancel_ranks(&st.workers, &before, &reason, None);
+            }
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// After a restart's grace period, requeues jobs whose ranks did not all come back.
+    async fn requeue_orphans(&self, st: &mut State) -> Result<(), StoreError> {
+        match st.orphan_deadline {
+            Some(deadline) if Instant::now() >= deadline => st.orphan_deadline = None,
+            _ => return Ok(()),
+        }
+        let reason = "coordinator restarted and the job's ranks did not all come back";
+        let ids: Vec<String> = st
+            .jobs
+            .values()
+            .filter(|e| e.orphaned)
+            .map(|e| e.job.id.clone())
+            .collect();
+        for id in ids {
+            let Some(je) = st.jobs.get_mut(&id) else {
+                continue;
+            };
+            let before = je.job.clone();
+            match je.requeue_or_fail(reason) {
+                Ok(to) => tracing::info!(job = %id, to = to.short_name(), "{reason}"),
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "cannot requeue");
+                    continue;
+                }
+            }
+            save(self.store.as_ref(), je).await?;
+            cancel_ranks(&st.workers, &before, reason, None);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! The gRPC services: thin adapters from tonic requests to [`Coordinator`] operations.
+
+mod cluster;
+mod jobs;
+mod workers;
+
+pub use cluster::ClusterApi;
+pub use jobs::JobApi;
+pub use workers::WorkerApi;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,69 @@
+//! `trainyard.v1.WorkerService` (the agent protocol).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use trainyard_proto::worker_service_server::WorkerService;
+use trainyard_proto::{
+    HeartbeatRequest, HeartbeatResponse, RankReport, RegisterWorkerRequest, RegisterWorkerResponse,
+    ReportRankResponse, StreamCommandsRequest, WorkerCommand,
+};
+
+use crate::coordinator::Coordinator;
+
+/// Serves `WorkerService`.
+#[derive(Clone)]
+pub struct WorkerApi {
+    /// The coordinator.
+    pub coord: Arc<Coordinator>,
+}
+
+/// A worker's command stream.
+pub type CommandStream = Pin<Box<dyn Stream<Item = Result<WorkerCommand, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        Ok(Response::new(
+            self.coord.register_worker(request.into_inner()).await?,
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let known = self
+            .coord
+            .heartbeat(&request.into_inner().worker_id)
+            .await?;
+        Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    type StreamCommandsStream = CommandStream;
+
+    async fn stream_commands(
+        &self,
+        request: Request<StreamCommandsRequest>,
+    ) -> Result<Response<Self::StreamCommandsStream>, Status> {
+        let rx = self
+            .coord
+            .stream_commands(&request.into_inner().worker_id)
+            .await?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn report_rank(
+        &self,
+        request: Request<RankReport>,
+    ) -> Result<Response<ReportRankResponse>, Status> {
+        let accepted = self.coord.report_rank(request.into_inner()).await?;
+        Ok(Response::new(ReportRankResponse { accepted }))
+    }
+}

@@ -1,0 +1,489 @@
+//! The embedded backend: one redb file (single-file, ACID, crash-safe), the default store of
+//! a one-machine cluster.
+//!
+//! Tables mirror the etcd key layout of [`super`]: `jobs` (`id -> Job`), `checkpoints`
+//! (`(job id, step) -> CheckpointInfo`) and `meta` (`"revision" -> u64`, the store-wide
+//! revision counter, persisted in the same transaction as every write so it survives a
+//! restart and never goes backwards).
+//!
+//! Worker leases are kept **in memory only**: a restarted coordinator forgets every worker;
+//! workers find out on their next heartbeat (`known = false`) and register again, reporting
+//! the ranks they still run. Watches are served from a tokio broadcast channel plus a
+//! window of the last [`WATCH_WINDOW`] changes, so a watcher can start slightly in the past;
+//! older revisions are reported as [`StoreError::Compacted`] (as etcd does after compaction).
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::broadcast;
+use trainyard_proto::{CheckpointInfo, Job, Worker, WorkerState};
+
+use super::{
+    ChangeKind, JobChange, JobPage, JobQuery, JobWatch, Revision, StateStore, StoreError,
+    JOB_RECORD_VERSION,
+};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const CHECKPOINTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("checkpoints");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVISION_KEY: &str = "revision";
+
+/// How many recent changes a new watcher can replay.
+pub const WATCH_WINDOW: usize = 4096;
+/// Capacity of the live watch channel; a watcher further behind is cut off.
+const WATCH_CHANNEL: usize = 4096;
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn decode_job(key: &str, bytes: &[u8]) -> Result<Job, StoreError> {
+    Job::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: format!("jobs/{key}"),
+        reason: e.to_string(),
+    })
+}
+
+/// Revision counter and recent changes; its lock also serialises writers so that changes
+/// are published in revision order.
+struct WatchHub {
+    revision: Revision,
+    /// Oldest revision a watcher may start from (every job change since is in `recent`).
+    oldest: Revision,
+    recent: VecDeque<JobChange>,
+    tx: broadcast::Sender<JobChange>,
+}
+
+struct Lease {
+    worker: Worker,
+    ttl: Duration,
+    deadline: Instant,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    hub: Mutex<WatchHub>,
+    leases: Mutex<HashMap<String, Lease>>,
+}
+
+/// The redb-backed [`StateStore`]. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them logically broken (every
+    // critical section is a single assignment or a redb transaction that aborts on drop).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file at `path`, creating parent folders.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        let revision = {
+            txn.open_table(JOBS).map_err(backend)?;
+            txn.open_table(CHECKPOINTS).map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            let rev = meta.get(REVISION_KEY).map_err(backend)?.map(|g| g.value());
+            rev.unwrap_or(0) as Revision
+        };
+        txn.commit().map_err(backend)?;
+        let (tx, _) = broadcast::channel(WATCH_CHANNEL);
+        tracing::debug!(path = %path.display(), revision, "opened embedded store");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                hub: Mutex::new(WatchHub {
+                    revision,
+                    oldest: revision + 1,
+                    recent: VecDeque::new(),
+                    tx,
+                }),
+                leases: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs one write transaction at the next revision. `f` returns its result and the job
+    /// change to publish (if any); on error nothing is committed and the revision stays.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction, Revision) -> Result<(T, Option<JobChange>), StoreError>
+            + Send
+            + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut hub = lock(&inner.hub);
+            let next = hub.revision + 1;
+            let txn = inner.db.begin_write().map_err(backend)?;
+            let (out, change) = f(&txn, next)?;
+            {
+                let mut meta = txn.open_table(META).map_err(backend)?;
+                meta.insert(REVISION_KEY, next as u64).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            hub.revision = next;
+            if let Some(change) = change {
+                if hub.recent.len() >= WATCH_WINDOW {
+                    if let Some(old) = hub.recent.pop_front() {
+                        hub.oldest = old.revision + 1;
+                    }
+                }
+                hub.recent.push_back(change.clone());
+                // No receivers is fine.
+                let _ = hub.tx.send(change);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = inner.db.begin_read().map_err(backend)?;
+            f(&txn)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreError> {
+    let mut table = txn.open_table(JOBS).map_err(backend)?;
+    table
+        .insert(job.id.as_str(), job.encode_to_vec().as_slice())
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn stored_revision(txn: &WriteTransaction, id: &str) -> Result<Option<Revision>, StoreError> {
+    let table = txn.open_table(JOBS).map_err(backend)?;
+    let guard = table.get(id).map_err(backend)?;
+    match guard {
+        None => Ok(None),
+        Some(g) => Ok(Some(decode_job(id, g.value())?.revision)),
+    }
+}
+
+#[async_trait::async_trait]
+impl StateStore for EmbeddedStore {
+    async fn create_job(&self, mut job: Job) -> Result<Job, StoreError> {
+        self.write(move |txn, rev| {
+            if stored_revision(txn, &job.id)?.is_some() {
+                return Err(StoreError::AlreadyExists(job.id.clone()));
+            }
+            job.revision = rev;
+            job.record_version = JOB_RECORD_VERSION;
+            put_job(txn, &job)?;
+            let change = JobChange {
+                revision: rev,
+                kind: ChangeKind::Created,
+                job: job.clone(),
+            };
+            Ok((job, Some(change)))
+        })
+        .await
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let id = id.to_string();
+        self.read(move |txn| {
+            let table = txn.open_table(JOBS).map_err(backend)?;
+            let guard = table.get(id.as_str()).map_err(backend)?;
+            guard.map(|g| decode_job(&id, g.value())).transpose()
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, query: &JobQuery) -> Result<JobPage, StoreError> {
+        let query = query.clone();
+        self.read(move |txn| {
+            let table = txn.open_table(JOBS).map_err(backend)?;
+            let start = match &query.after {
+                Some(after) => Bound::Excluded(after.as_str()),
+                None => Bound::Unbounded,
+            };
+            let range = table
+                .range::<&str>((start, Bound::Unbounded))
+                .map_err(backend)?;
+            let mut page = JobPage::default();
+            for entry in range {
+                let (k, v) = entry.map_err(backend)?;
+                let job = decode_job(k.value(), v.value())?;
+                if !query.states.is_empty() && !query.states.contains(&job.state()) {
+                    continue;
+                }
+                if query.limit > 0 && page.jobs.len() == query.limit {
+                    page.next_after = page.jobs.last().map(|j| j.id.clone());
+                    break;
+                }
+                page.jobs.push(job);
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn update_job(&self, mut job: Job, expected: Revision) -> Result<Job, StoreError> {
+        self.write(move |txn, rev| {
+            match stored_revision(txn, &job.id)? {
+                None => return Err(StoreError::NotFound(job.id.clone())),
+                Some(actual) if actual != expected => {
+                    return Err(StoreError::Conflict {
+                        id: job.id.clone(),
+                        expected,
+                        actual,
+                    })
+                }
+                Some(_) => {}
+            }
+            job.revision = rev;
+            job.record_version = JOB_RECORD_VERSION;
+            put_job(txn, &job)?;
+            let change = JobChange {
+                revision: rev,
+                kind: ChangeKind::Updated,
+                job: job.clone(),
+            };
+            Ok((job, Some(change)))
+        })
+        .await
+    }
+
+    async fn current_revision(&self) -> Result<Revision, StoreError> {
+        Ok(lock(&self.inner.hub).revision)
+    }
+
+    async fn watch_jobs(&self, from: Revision) -> Result<JobWatch, StoreError> {
+        let (backlog, rx) = {
+            let hub = lock(&self.inner.hub);
+            if from < hub.oldest {
+                return Err(StoreError::Compacted {
+                    requested: from,
+                    oldest: hub.oldest,
+                });
+            }
+            let backlog: Vec<JobChange> = hub
+                .recent
+                .iter()
+                .filter(|c| c.revision >= from)
+                .cloned()
+                .collect();
+            (backlog, hub.tx.subscribe())
+        };
+        let live = futures::stream::unfold(Some(rx), move |rx| async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(change) if change.revision < from => continue,
+                    Ok(change) => return Some((Ok(change), Some(rx))),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        return Some((Err(StoreError::WatchLagged(n)), None))
+                    }
+                }
+            }
+        });
+        let stream =
+            futures::StreamExt::chain(futures::stream::iter(backlog.into_iter().map(Ok)), live);
+        Ok(Box::pin(stream))
+    }
+
+    async fn register_worker(&self, mut worker: Worker, ttl: Duration) -> Result<(), StoreError> {
+        let now = now_unix_ms();
+        if worker.registered_unix_ms == 0 {
+            worker.registered_unix_ms = now;
+        }
+        worker.last_heartbeat_unix_ms = now;
+        worker.state = WorkerState::Alive as i32;
+        lock(&self.inner.leases).insert(
+            worker.id.clone(),
+            Lease {
+                worker,
+                ttl,
+                deadline: Instant::now() + ttl,
+            },
+        );
+        Ok(())
+    }
+
+    async fn keep_alive(&self, worker_id: &str) -> Result<bool, StoreError> {
+        let mut leases = lock(&self.inner.leases);
+        let now = Instant::now();
+        match leases.get_mut(worker_id) {
+            Some(lease) if lease.deadline > now => {
+                lease.deadline = now + lease.ttl;
+                lease.worker.last_heartbeat_unix_ms = now_unix_ms();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list_workers(&self) -> Result<Vec<Worker>, StoreError> {
+        let leases = lock(&self.inner.leases);
+        let now = Instant::now();
+        let mut workers: Vec<Worker> = leases
+            .values()
+            .filter(|l| l.deadline > now)
+            .map(|l| l.worker.clone())
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(workers)
+    }
+
+    async fn expire_workers(&self) -> Result<Vec<Worker>, StoreError> {
+        let mut leases = lock(&self.inner.leases);
+        let now = Instant::now();
+        let dead: Vec<String> = leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::with_capacity(dead.len());
+        for id in dead {
+            if let Some(lease) = leases.remove(&id) {
+                let mut w = lease.worker;
+                w.state = WorkerState::Dead as i32;
+                out.push(w);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn record_checkpoint(&self, checkpoint: CheckpointInfo) -> Result<(), StoreError> {
+        self.write(move |txn, _rev| {
+            let mut table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            table
+                .insert(
+                    (checkpoint.job_id.as_str(), checkpoint.step),
+                    checkpoint.encode_to_vec().as_slice(),
+                )
+                .map_err(backend)?;
+            Ok(((), None))
+        })
+        .await
+    }
+
+    async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError> {
+        let job_id = job_id.to_string();
+        self.read(move |txn| {
+            let table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            let range = table
+                .range((job_id.as_str(), 0u64)..=(job_id.as_str(), u64::MAX))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in range {
+                let (k, v) = entry.map_err(backend)?;
+                let (id, step) = k.value();
+                let cp = CheckpointInfo::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: format!("checkpoints/{id}/{step:020}"),
+                    reason: e.to_string(),
+                })?;
+                out.push(cp);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reopen_store(path: &Path) -> EmbeddedStore {
+        EmbeddedStore::open(path).expect("reopen")
+    }
+
+    crate::store_conformance_tests!(
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("state.redb");
+            let store = EmbeddedStore::open(&path).expect("open");
+            (store, (dir, path))
+        },
+        |ctx: &(tempfile::TempDir, PathBuf)| Some(reopen_store(&ctx.1))
+    );
+
+    #[tokio::test]
+    async fn revision_counter_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let rev = {
+            let store = EmbeddedStore::open(&path).unwrap();
+            let job = Job {
+                id: "job-a".into(),
+                ..Default::default()
+            };
+            store.create_job(job).await.unwrap();
+            store.current_revision().await.unwrap()
+        };
+        assert_eq!(rev, 1);
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.current_revision().await.unwrap(), 1);
+        let job = Job {
+            id: "job-b".into(),
+            ..Default::default()
+        };
+        let stored = store.create_job(job).await.unwrap();
+        assert_eq!(stored.revision, 2);
+    }
+
+    #[test]
+    fn open_store_rejects_bad_urls() {
+        assert!(matches!(
+            super::super::open_store("s3://bucket/x"),
+            Err(StoreError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            super::super::open_store("file://relative/x.redb"),
+            Err(StoreError::BadUrl { .. })
+        ));
+    }
+}

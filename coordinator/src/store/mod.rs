@@ -1,0 +1,204 @@
+//! The coordinator's state store: a narrow, domain-level trait ([`StateStore`]) with the
+//! operations the scheduler needs, designed for etcd's semantics so that an etcd backend
+//! can sit behind it unchanged.
+//!
+//! # Semantics (what every backend guarantees; checked by [`conformance`])
+//!
+//! - **Revisions.** Every write (job create, job update, checkpoint record) bumps one
+//!   store-wide, monotonically increasing counter — etcd's `mod_revision`. A job record
+//!   carries the revision of its last write in [`Job::revision`]; it is the
+//!   compare-and-set token of [`StateStore::update_job`].
+//! - **Compare-and-set.** `update_job(job, expected)` succeeds only if the stored job's
+//!   revision is still `expected` (etcd: a transaction comparing `mod_revision`), and
+//!   otherwise fails with [`StoreError::Conflict`]. Concurrent updaters never lose updates.
+//! - **Watches.** [`StateStore::watch_jobs`] streams every job change with a revision at or
+//!   after `from_revision`, in revision order (etcd: a prefix watch with `start_revision`).
+//!   A revision older than what the backend still remembers is [`StoreError::Compacted`].
+//! - **Leases.** Workers are registered under a lease with a TTL; [`StateStore::keep_alive`]
+//!   renews it; [`StateStore::expire_workers`] removes (and returns) the workers whose
+//!   lease ran out (etcd deletes keys attached to an expired lease by itself).
+//!
+//! # Key layout (etcd; the embedded backend mirrors it in redb tables)
+//!
+//! ```text
+//! /trainyard/v1/jobs/<job-id>                          -> trainyard.v1.Job (prost), record_version 1
+//! /trainyard/v1/checkpoints/<job-id>/<step:020>        -> trainyard.v1.CheckpointInfo (prost)
+//! /trainyard/v1/workers/<worker-id>  (under a lease)   -> trainyard.v1.Worker (prost)
+//! ```
+//!
+//! Job ids are sortable by creation time, so listing the `jobs/` prefix in key order is
+//! listing jobs oldest first; page tokens are the last id of the previous page.
+
+pub mod embedded;
+
+#[cfg(test)]
+pub mod conformance;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use trainyard_proto::{CheckpointInfo, Job, JobState, Worker};
+
+pub use embedded::EmbeddedStore;
+
+/// A store-wide revision (etcd's `mod_revision`). Starts at 1 with the first write.
+pub type Revision = i64;
+
+/// Format version written into every job record ([`Job::record_version`]).
+pub const JOB_RECORD_VERSION: u32 = 1;
+
+/// Errors of a [`StateStore`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    /// `create_job` with an id that already exists.
+    #[error("job {0} already exists")]
+    AlreadyExists(String),
+    /// The job does not exist.
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// Compare-and-set failed: the job was changed since `expected` was read.
+    #[error("job {id} was modified concurrently (expected revision {expected}, found {actual})")]
+    Conflict {
+        /// The job id.
+        id: String,
+        /// The revision the caller expected.
+        expected: Revision,
+        /// The revision the store has.
+        actual: Revision,
+    },
+    /// A watch asked for a revision the store no longer remembers.
+    #[error("revision {requested} is compacted (oldest available: {oldest})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The oldest revision still available.
+        oldest: Revision,
+    },
+    /// A watcher fell too far behind and was cut off; it should re-list and watch again.
+    #[error("watch fell behind by {0} changes")]
+    WatchLagged(u64),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The store URL is not usable.
+    #[error("bad store url {url}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The backend failed (I/O, database error).
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// Which jobs [`StateStore::list_jobs`] returns, and which page.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobQuery {
+    /// Only jobs in one of these states; empty = every state.
+    pub states: Vec<JobState>,
+    /// Most jobs to return; 0 = no limit.
+    pub limit: usize,
+    /// Start after this job id (the previous page's last id); `None` = from the start.
+    pub after: Option<String>,
+}
+
+/// One page of jobs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobPage {
+    /// Jobs in id (= creation) order.
+    pub jobs: Vec<Job>,
+    /// Id to pass as [`JobQuery::after`] for the next page; `None` on the last page.
+    pub next_after: Option<String>,
+}
+
+/// What happened to a job in a [`JobChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The job was created.
+    Created,
+    /// The job was updated.
+    Updated,
+}
+
+/// One change seen by [`StateStore::watch_jobs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobChange {
+    /// Revision of the write.
+    pub revision: Revision,
+    /// Created or updated.
+    pub kind: ChangeKind,
+    /// The job after the write (its `revision` equals [`JobChange::revision`]).
+    pub job: Job,
+}
+
+/// A stream of job changes; ends with an error item if the watcher is cut off.
+pub type JobWatch = Pin<Box<dyn Stream<Item = Result<JobChange, StoreError>> + Send>>;
+
+/// The coordinator's durable state, at the level of the domain (not a key-value API).
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Stores a new job; fails with [`StoreError::AlreadyExists`] if its id is taken.
+    /// Returns the job as stored (with `revision` and `record_version` filled in).
+    async fn create_job(&self, job: Job) -> Result<Job, StoreError>;
+
+    /// The job with this id, if any.
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+
+    /// Jobs matching `query`, in id order, one page at a time.
+    async fn list_jobs(&self, query: &JobQuery) -> Result<JobPage, StoreError>;
+
+    /// Replaces the job (same id) if its stored revision is still `expected`, else
+    /// [`StoreError::Conflict`] ([`StoreError::NotFound`] if it does not exist). Returns the
+    /// job as stored, with its new revision.
+    async fn update_job(&self, job: Job, expected: Revision) -> Result<Job, StoreError>;
+
+    /// The store's current revision (0 before the first write).
+    async fn current_revision(&self) -> Result<Revision, StoreError>;
+
+    /// Every job change with a revision `>= from`, in revision order, then live changes.
+    async fn watch_jobs(&self, from: Revision) -> Result<JobWatch, StoreError>;
+
+    /// Registers (or re-registers) a worker under a lease of `ttl`.
+    async fn register_worker(&self, worker: Worker, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Renews a worker's lease and its `last_heartbeat_unix_ms`. Returns false if the worker
+    /// is unknown (never registered, or its lease already expired).
+    async fn keep_alive(&self, worker_id: &str) -> Result<bool, StoreError>;
+
+    /// Workers whose lease is alive.
+    async fn list_workers(&self) -> Result<Vec<Worker>, StoreError>;
+
+    /// Removes the workers whose lease ran out and returns them.
+    async fn expire_workers(&self) -> Result<Vec<Worker>, StoreError>;
+
+    /// Records a committed checkpoint (idempotent per job and step).
+    async fn record_checkpoint(&self, checkpoint: CheckpointInfo) -> Result<(), StoreError>;
+
+    /// A job's checkpoints, by step ascending.
+    async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError>;
+}
+
+/// Opens the store a URL names: `file:///abs/path/state.redb` (embedded redb).
+pub fn open_store(url: &str) -> Result<EmbeddedStore, StoreError> {
+    let bad = |reason: &str| StoreError::BadUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| bad("only file:// (embedded redb) is supported for now"))?;
+    if !path.starts_with('/') {
+        return Err(bad(
+            "the path must be absolute (file:///abs/path/state.redb)",
+        ));
+    }
+    EmbeddedStore::open(std::path::Path::new(path))
+}

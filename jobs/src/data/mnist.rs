@@ -1,0 +1,142 @@
+//! Built-in image data sets, embedded in the binary with `include_bytes!`.
+//!
+//! MNIST-10k: 8,000 training and 2,000 test images (28×28, 10 classes) from
+//! `jobs/data/mnist-10k/`.
+
+use super::idx::{parse_idx, parse_labels, IdxArray, IdxError};
+
+const MNIST_TRAIN_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
+const MNIST_TRAIN_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/train-labels-idx1-ubyte.gz");
+const MNIST_TEST_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/t10k-images-idx3-ubyte.gz");
+const MNIST_TEST_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/t10k-labels-idx1-ubyte.gz");
+
+/// A labelled set of single-channel u8 images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDataset {
+    /// Row-major pixels, `len() * rows * cols` bytes.
+    pub images: Vec<u8>,
+    /// One class id per image.
+    pub labels: Vec<u8>,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl ImageDataset {
+    /// Builds a data set from IDX image and label files (gzipped or not).
+    pub fn from_idx(
+        name: &str,
+        images: &[u8],
+        labels: &[u8],
+        classes: u8,
+    ) -> Result<Self, IdxError> {
+        let labels = parse_labels(&format!("{name} labels"), labels, classes)?;
+        let arr = parse_idx_images(name, images)?;
+        if arr.dims[0] != labels.len() {
+            return Err(IdxError::Dims {
+                name: format!("{name} images"),
+                expected: format!("{} images to match the labels", labels.len()),
+                found: arr.dims,
+            });
+        }
+        Ok(Self {
+            rows: arr.dims[1],
+            cols: arr.dims[2],
+            images: arr.data,
+            labels,
+            classes: classes as usize,
+        })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.rows * self.cols;
+        &self.images[i * n..(i + 1) * n]
+    }
+
+    /// The first `n` images (all of them if `n >= len()`).
+    pub fn take(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            images: self.images[..n * self.rows * self.cols].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            ..*self
+        }
+    }
+}
+
+fn parse_idx_images(name: &str, bytes: &[u8]) -> Result<IdxArray, IdxError> {
+    let arr = parse_idx(&format!("{name} images"), bytes)?;
+    if arr.dims.len() != 3 {
+        return Err(IdxError::Dims {
+            name: format!("{name} images"),
+            expected: "[n, rows, cols]".to_string(),
+            found: arr.dims,
+        });
+    }
+    Ok(arr)
+}
+
+/// The embedded MNIST-10k subset: `(train, test)` with 8,000 and 2,000 images.
+pub fn mnist_10k() -> Result<(ImageDataset, ImageDataset), IdxError> {
+    let train = ImageDataset::from_idx(
+        "mnist-10k train",
+        MNIST_TRAIN_IMAGES,
+        MNIST_TRAIN_LABELS,
+        10,
+    )?;
+    let test = ImageDataset::from_idx("mnist-10k test", MNIST_TEST_IMAGES, MNIST_TEST_LABELS, 10)?;
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::idx::tests::{gzip, idx_bytes};
+
+    #[test]
+    fn embedded_mnist_10k() {
+        let (train, test) = mnist_10k().unwrap();
+        assert_eq!((train.len(), test.len()), (8000, 2000));
+        assert_eq!((train.rows, train.cols, train.classes), (28, 28, 10));
+        // every class is present in both splits, roughly balanced
+        for ds in [&train, &test] {
+            let mut counts = [0usize; 10];
+            for l in &ds.labels {
+                counts[*l as usize] += 1;
+            }
+            let min = *counts.iter().min().unwrap();
+            assert!(min * 10 > ds.len() * 7 / 10, "{counts:?}");
+        }
+        // pixels look like MNIST: mostly black, some full-intensity strokes
+        let img = train.image(0);
+        assert!(img.iter().filter(|p| **p == 0).count() > 400);
+        assert!(img.iter().any(|p| *p > 200));
+        assert_eq!(train.take(10).len(), 10);
+        assert_eq!(train.take(10).image(9), train.image(9));
+    }
+
+    #[test]
+    fn mismatched_counts_are_errors() {
+        let imgs = gzip(&idx_bytes(&[2, 2, 2], &[0; 8]));
+        let labels = gzip(&idx_bytes(&[3], &[0, 1, 2]));
+        let e = ImageDataset::from_idx("t", &imgs, &labels, 10).unwrap_err();
+        assert!(e.to_string().contains("3 images"), "{e}");
+        let labels = idx_bytes(&[2], &[0, 1]);
+        let ds = ImageDataset::from_idx("t", &imgs, &labels, 10).unwrap();
+        assert_eq!((ds.len(), ds.rows, ds.cols), (2, 2, 2));
+    }
+}

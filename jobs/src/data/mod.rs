@@ -1,0 +1,9 @@
+//! Data sets and input pipelines shared by all jobs.
+
+pub mod batch;
+pub mod idx;
+pub mod mnist;
+
+pub use batch::{batches, derived_rng, epoch_order, make_batch, random_crop};
+pub use idx::{parse_idx, IdxArray, IdxError};
+pub use mnist::{mnist_10k, ImageDataset};

@@ -1,0 +1,20 @@
+//! Trainyard's jobs: one per paper, behind the [`Job`] trait, plus the shared training
+//! utilities (data sets, batching, ODE solvers, evaluation) they are built from.
+//!
+//! A job never talks to the network itself: everything it reports (logs, metrics,
+//! progress, checkpoints, the results table) goes through the [`JobContext`] the
+//! rank process hands it.
+
+pub mod config;
+pub mod data;
+pub mod job;
+pub mod neural_ode;
+pub mod nn;
+pub mod ode;
+pub mod registry;
+pub mod testing;
+pub mod train;
+
+pub use config::{ConfigError, ConfigKey, ConfigKind, ConfigSchema, ResolvedConfig};
+pub use job::{Checkpoint, Job, JobContext, JobError, ResultsTable};
+pub use registry::{registry, Registry};

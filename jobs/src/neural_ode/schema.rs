@@ -1,0 +1,159 @@
+//! Config keys and presets of the `neural-ode` job, plus the cross-key checks the
+//! schema's per-key types cannot express.
+
+use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
+
+/// Experiments this job can run (later issues add `cnf` and `latent-ode`).
+pub const EXPERIMENTS: &[&str] = &["mnist"];
+/// Which models to train.
+pub const MODELS: &[&str] = &["both", "odenet", "resnet"];
+/// ODE solvers.
+pub const SOLVERS: &[&str] = &["dopri5", "rk4"];
+
+/// The job's schema: presets `quick` (default, a few minutes on 2 CPU cores) and
+/// `paper` (the paper's recipe).
+pub fn schema() -> ConfigSchema {
+    let keys =
+        vec![
+        ConfigKey::choice("experiment", EXPERIMENTS, "mnist", "which experiment to run"),
+        ConfigKey::choice(
+            "models",
+            MODELS,
+            "both",
+            "train the ResNet, the ODE-Net, or both (ResNet first)",
+        ),
+        ConfigKey::choice("solver", SOLVERS, "dopri5", "ODE solver of the ODE-Net"),
+        ConfigKey::float("rtol", 1e-9, 1.0, 1e-3, "dopri5 relative tolerance")
+            .preset("quick", 0.1),
+        ConfigKey::float("atol", 1e-9, 1.0, 1e-3, "dopri5 absolute tolerance")
+            .preset("quick", 0.1),
+        ConfigKey::int("rk4_steps", 1, 1000, 4, "RK4 steps on [0, 1] (solver=rk4)"),
+        ConfigKey::int(
+            "width",
+            1,
+            512,
+            64,
+            "channels C of every layer",
+        )
+        .preset("quick", 32),
+        ConfigKey::int(
+            "groups",
+            1,
+            512,
+            32,
+            "GroupNorm groups, capped at the width (paper: min(32, C)); must divide the width",
+        )
+        .preset("quick", 16),
+        ConfigKey::int("epochs", 1, 10_000, 160, "training epochs per model").preset("quick", 2),
+        ConfigKey::int("batch_size", 1, 8000, 128, "mini-batch size").preset("quick", 32),
+        ConfigKey::float(
+            "lr",
+            1e-6,
+            10.0,
+            0.1,
+            "initial learning rate (paper: 0.1 x batch/128)",
+        )
+        .preset("quick", 0.05),
+        ConfigKey::str(
+            "lr_milestones",
+            "0.375,0.625,0.875",
+            "comma-separated fractions of training (0..1) at which lr is multiplied by lr_decay \
+             (paper: epochs 60,100,140 of 160)",
+        ),
+        ConfigKey::float("lr_decay", 0.0, 1.0, 0.1, "lr factor at each milestone"),
+        ConfigKey::float("momentum", 0.0, 0.999, 0.9, "SGD momentum"),
+        ConfigKey::float("weight_decay", 0.0, 1.0, 0.0, "L2 weight decay"),
+        ConfigKey::bool("augment", true, "random crop (pad 4, crop 28)"),
+        ConfigKey::int(
+            "train_samples",
+            1,
+            8000,
+            8000,
+            "training images used (of 8,000)",
+        ),
+        ConfigKey::int("test_samples", 1, 2000, 2000, "test images used (of 2,000)"),
+        ConfigKey::int(
+            "eval_batch_size",
+            1,
+            2000,
+            500,
+            "batch size for evaluation (NFE is per test batch)",
+        ),
+        ConfigKey::bool(
+            "eval_each_epoch",
+            true,
+            "evaluate on the test set after every epoch, not only at the end",
+        )
+        .preset("quick", false),
+        ConfigKey::int("seed", 0, i64::MAX, 0, "seed for init, shuffling and augmentation"),
+        ConfigKey::int(
+            "checkpoint_every",
+            0,
+            1_000_000,
+            200,
+            "save a checkpoint every N steps (0: only at model boundaries)",
+        ),
+        ConfigKey::int(
+            "log_every",
+            1,
+            1_000_000,
+            10,
+            "log a training line every N steps",
+        ),
+    ];
+    // The schema above is fixed; a bad default is a bug caught by the registry test.
+    match ConfigSchema::new(
+        &[
+            (
+                "quick",
+                "small CPU run: width 32 (16 groups), batch 32, 2 epochs, tolerance 0.1",
+            ),
+            (
+                "paper",
+                "the paper's recipe: width 64, batch 128, lr 0.1, 160 epochs, tol 1e-3",
+            ),
+        ],
+        keys,
+    ) {
+        Ok(schema) => schema,
+        Err(e) => panic!("neural-ode schema is invalid: {e}"),
+    }
+}
+
+/// Parses `lr_milestones` into sorted fractions in (0, 1).
+pub fn milestones(config: &ResolvedConfig) -> Result<Vec<f64>, ConfigError> {
+    let raw = config.get_str("lr_milestones")?;
+    let mut out = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let v: f64 = part.parse().map_err(|_| ConfigError::InvalidValue {
+            key: "lr_milestones".into(),
+            value: raw.to_string(),
+            reason: format!("\"{part}\" is not a number"),
+        })?;
+        if !(v > 0.0 && v < 1.0) {
+            return Err(ConfigError::InvalidValue {
+                key: "lr_milestones".into(),
+                value: raw.to_string(),
+                reason: format!("{part} is not a fraction in (0, 1)"),
+            });
+        }
+        out.push(v);
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// Checks what single-key validation cannot: GroupNorm divisibility and milestones.
+pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
+    let width = config.get_usize("width")?;
+    let groups = config.get_usize("groups")?.min(width);
+    if width % groups != 0 {
+        return Err(ConfigError::InvalidValue {
+            key: "width".into(),
+            value: width.to_string(),
+            reason: format!("must be a multiple of the GroupNorm group count {groups}"),
+        });
+    }
+    milestones(config)?;
+    Ok(())
+}

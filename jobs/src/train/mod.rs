@@ -1,0 +1,14 @@
+//! Training utilities shared by all jobs: optimizer and schedule, evaluation,
+//! parameter counting and the gradient check.
+
+pub mod eval;
+pub mod gradcheck;
+pub mod init;
+pub mod optim;
+pub mod params;
+
+pub use eval::{evaluate, EvalResult};
+pub use gradcheck::{check_grads, GradCheckError};
+pub use init::init_pytorch_style;
+pub use optim::{PiecewiseLr, SgdMomentum};
+pub use params::{count_params, named_vars};

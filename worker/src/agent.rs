@@ -1,0 +1,353 @@
+//! The worker agent: registers with the coordinator, heartbeats, receives rank
+//! assignments and cancellations, and supervises one child process per rank.
+//!
+//! * [`session`]: registration, heartbeats and the command stream (reconnecting and
+//!   re-registering as needed).
+//! * [`supervisor`]: the life of one rank process (spawn, output, cancel, exit).
+//! * [`reporter`]: batches a rank's events into `ReportRank` calls.
+
+mod reporter;
+mod session;
+mod supervisor;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use trainyard_proto::worker_service_client::WorkerServiceClient;
+use trainyard_proto::{CancelRank, Device, RankAssignment, RankState, RankStatus};
+
+use crate::WorkerError;
+
+/// Grace period between SIGTERM and SIGKILL when an assignment does not set one.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+/// How a worker agent is set up.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Coordinator URL, e.g. `http://127.0.0.1:7800`.
+    pub coordinator_url: String,
+    /// Name the worker registers under.
+    pub name: String,
+    /// Device slots advertised (see [`crate::parse_devices`]).
+    pub devices: Vec<Device>,
+    /// Scratch space; each rank runs in a folder under `<work_dir>/ranks/`.
+    pub work_dir: PathBuf,
+    /// Program and arguments that start a rank process, e.g. `[current_exe, "rank"]`.
+    pub rank_command: Vec<OsString>,
+}
+
+/// Identity of one rank process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RankKey {
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+}
+
+impl std::fmt::Display for RankKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/attempt-{}/rank-{}",
+            self.job_id, self.attempt, self.rank
+        )
+    }
+}
+
+/// Why a rank is being stopped by the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StopReason {
+    /// The coordinator sent `CancelRank`.
+    Cancel(String),
+    /// The coordinator rejected a report: this attempt is stale.
+    Stale,
+    /// A newer attempt of the same rank was assigned.
+    Superseded(u32),
+    /// The worker is shutting down.
+    Shutdown,
+}
+
+/// A rank the agent is supervising.
+struct RankEntry {
+    device_index: u32,
+    /// A `RankState` as i32.
+    state: Arc<AtomicI32>,
+    stop: watch::Sender<Option<StopReason>>,
+    grace: Duration,
+}
+
+/// Assignments seen recently that have finished, so replays are ignored.
+#[derive(Default)]
+struct Finished {
+    order: VecDeque<RankKey>,
+    set: HashSet<RankKey>,
+}
+
+const FINISHED_MEMORY: usize = 4096;
+
+/// State shared by the agent's tasks.
+pub(crate) struct Agent {
+    config: WorkerConfig,
+    client: WorkerServiceClient<Channel>,
+    worker_id: watch::Sender<String>,
+    ranks: Mutex<HashMap<RankKey, RankEntry>>,
+    finished: Mutex<Finished>,
+    shutting_down: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Runs a worker agent until `shutdown` completes; then stops every rank gracefully
+/// (SIGTERM, SIGKILL after its grace period) and returns.
+///
+/// The agent registers with the coordinator (retrying with backoff until it is up),
+/// heartbeats, re-registers when the coordinator no longer knows it, and keeps the command
+/// stream open. A rank that crashes never takes the worker down.
+pub async fn run_worker(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    if config.rank_command.is_empty() {
+        return Err(WorkerError::InvalidConfig("rank_command is empty".into()));
+    }
+    if config.devices.is_empty() {
+        return Err(WorkerError::InvalidConfig("no devices to advertise".into()));
+    }
+    std::fs::create_dir_all(config.work_dir.join("ranks"))?;
+    let endpoint = Endpoint::from_shared(config.coordinator_url.clone())
+        .map_err(|e| WorkerError::InvalidCoordinatorUrl {
+            url: config.coordinator_url.clone(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let client = WorkerServiceClient::new(endpoint.connect_lazy());
+    let agent = Arc::new(Agent {
+        config,
+        client,
+        worker_id: watch::channel(String::new()).0,
+        ranks: Mutex::new(HashMap::new()),
+        finished: Mutex::new(Finished::default()),
+        shutting_down: AtomicBool::new(false),
+    });
+    tracing::info!(
+        coordinator = %agent.config.coordinator_url,
+        name = %agent.config.name,
+        devices = agent.config.devices.len(),
+        "worker starting"
+    );
+    tokio::select! {
+        _ = session::run_sessions(agent.clone()) => {}
+        _ = shutdown => {
+            tracing::info!("worker shutting down");
+        }
+    }
+    agent.stop_all().await;
+    Ok(())
+}
+
+impl Agent {
+    pub(crate) fn client(&self) -> WorkerServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    pub(crate) fn worker_id(&self) -> String {
+        self.worker_id.borrow().clone()
+    }
+
+    /// Status of every rank whose process is starting or running.
+    pub(crate) fn running(&self) -> Vec<RankStatus> {
+        lock(&self.ranks)
+            .iter()
+            .filter_map(|(key, entry)| {
+                let state = entry.state.load(Ordering::SeqCst);
+                let live =
+                    state == RankState::Starting as i32 || state == RankState::Running as i32;
+                live.then(|| RankStatus {
+                    job_id: key.job_id.clone(),
+                    attempt: key.attempt,
+                    rank: key.rank,
+                    state,
+                    device_index: entry.device_index,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts a rank for `assignment`, unless it is a duplicate or stale.
+    pub(crate) fn assign(self: &Arc<Self>, assignment: RankAssignment) {
+        let key = RankKey {
+            job_id: assignment.job_id.clone(),
+            attempt: assignment.attempt,
+            rank: assignment.rank,
+        };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            tracing::info!(rank = %key, "ignoring assignment: worker is shutting down");
+            return;
+        }
+        if lock(&self.finished).set.contains(&key) {
+            tracing::info!(rank = %key, "ignoring assignment of a rank that already ran");
+            return;
+        }
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let state = Arc::new(AtomicI32::new(RankState::Starting as i32));
+        {
+            let mut ranks = lock(&self.ranks);
+            if ranks.contains_key(&key) {
+                tracing::info!(rank = %key, "ignoring duplicate assignment of a running rank");
+                return;
+            }
+            let newer = ranks
+                .keys()
+                .any(|k| k.job_id == key.job_id && k.rank == key.rank && k.attempt > key.attempt);
+            if newer {
+                tracing::info!(rank = %key, "ignoring stale assignment: a newer attempt is running");
+                return;
+            }
+            for (k, entry) in ranks.iter() {
+                if k.job_id == key.job_id && k.rank == key.rank {
+                    tracing::info!(old = %k, new = %key, "newer attempt assigned; stopping the old one");
+                    entry
+                        .stop
+                        .send_replace(Some(StopReason::Superseded(key.attempt)));
+                }
+            }
+            let grace = match assignment.grace_period_s {
+                0 => DEFAULT_GRACE_PERIOD,
+                s => Duration::from_secs(s as u64),
+            };
+            ranks.insert(
+                key.clone(),
+                RankEntry {
+                    device_index: assignment.device_index,
+                    state: state.clone(),
+                    stop: stop_tx,
+                    grace,
+                },
+            );
+        }
+        if !self
+            .config
+            .devices
+            .iter()
+            .any(|d| d.index == assignment.device_index)
+        {
+            tracing::warn!(rank = %key, device = assignment.device_index, "assignment names a device slot this worker does not have");
+        }
+        tracing::info!(rank = %key, job = %assignment.job, device = assignment.device_index, "rank assigned");
+        let agent = self.clone();
+        tokio::spawn(async move {
+            supervisor::supervise(agent.clone(), key.clone(), assignment, state, stop_rx).await;
+            agent.forget(&key);
+        });
+    }
+
+    /// Stops the ranks a `CancelRank` names (attempt 0 = any attempt).
+    pub(crate) fn cancel(&self, cancel: &CancelRank) {
+        let ranks = lock(&self.ranks);
+        let mut found = false;
+        for (k, entry) in ranks.iter() {
+            if k.job_id == cancel.job_id
+                && k.rank == cancel.rank
+                && (cancel.attempt == 0 || k.attempt == cancel.attempt)
+            {
+                found = true;
+                tracing::info!(rank = %k, reason = %cancel.reason, "cancelling rank");
+                let reason = if cancel.reason.is_empty() {
+                    "cancelled".to_string()
+                } else {
+                    cancel.reason.clone()
+                };
+                entry.stop.send_replace(Some(StopReason::Cancel(reason)));
+            }
+        }
+        if !found {
+            tracing::debug!(job_id = %cancel.job_id, rank = cancel.rank, "cancel for a rank not running here");
+        }
+    }
+
+    /// Stops one rank (used when the coordinator rejects its reports).
+    pub(crate) fn stop_rank(&self, key: &RankKey, reason: StopReason) {
+        if let Some(entry) = lock(&self.ranks).get(key) {
+            entry.stop.send_if_modified(|r| {
+                if r.is_none() {
+                    *r = Some(reason);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    fn forget(&self, key: &RankKey) {
+        lock(&self.ranks).remove(key);
+        let mut finished = lock(&self.finished);
+        if finished.set.insert(key.clone()) {
+            finished.order.push_back(key.clone());
+            while finished.order.len() > FINISHED_MEMORY {
+                if let Some(old) = finished.order.pop_front() {
+                    finished.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Stops every rank gracefully and waits for them (and their last reports), bounded
+    /// by the longest grace period plus a few seconds.
+    async fn stop_all(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let max_grace = {
+            let ranks = lock(&self.ranks);
+            for entry in ranks.values() {
+                entry.stop.send_if_modified(|r| {
+                    if r.is_none() {
+                        *r = Some(StopReason::Shutdown);
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            ranks.values().map(|e| e.grace).max().unwrap_or_default()
+        };
+        let deadline = tokio::time::Instant::now() + max_grace + Duration::from_secs(5);
+        while !lock(&self.ranks).is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("ranks still running at shutdown deadline");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// This machine's host name.
+pub(crate) fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests;

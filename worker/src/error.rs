@@ -1,0 +1,52 @@
+//! The worker crate's error type.
+
+/// Errors of the worker agent, its configuration and its object-store access.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A command-line device option could not be understood.
+    #[error("{flag} {value:?}: {reason}")]
+    InvalidDevices {
+        /// The flag that carried the value (`--devices`, `--emulate-gpus`).
+        flag: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An object-store URL is malformed.
+    #[error("objects url {url:?}: {reason}")]
+    InvalidObjectsUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An object-store URL names a scheme this build cannot open yet.
+    #[error("objects url {url:?}: scheme {scheme:?} is not supported yet (supported: file://)")]
+    UnsupportedObjectsScheme {
+        /// The URL as given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// The object store reported an error.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// The coordinator URL is malformed.
+    #[error("coordinator url {url:?}: {reason}")]
+    InvalidCoordinatorUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The worker configuration cannot be used (for example an empty rank command).
+    #[error("invalid worker config: {0}")]
+    InvalidConfig(String),
+    /// A rank assignment could not be encoded or decoded.
+    #[error("rank assignment: {0}")]
+    Assignment(String),
+    /// Local I/O failed (work directory, process spawn).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
