@@ -3,18 +3,13 @@
 //! `placement::place` (median of several) and a naive first-fit baseline on the same input,
 //! and prints placements per second and the ratio.
 //!
-//! Run: `cargo bench -p trainyard-coordinator --bench placement` (optimised build), or on a
-//! shared dev machine without a release build of the dependencies:
-//! `cargo rustc -p trainyard-coordinator --bench placement -- -C opt-level=3` and run the
-//! binary it prints (the placement code is compiled into this file, so the flag applies).
+//! Run: `cargo bench -p trainyard-coordinator --bench placement`.
 
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)]
-#[path = "../src/scheduler/placement.rs"]
-mod placement;
-
-use placement::{place, ClusterView, PlacementResult, QueuedJob, SlotView, WorkerView};
+use trainyard_coordinator::scheduler::placement::{
+    place, ClusterView, PlacementResult, QueuedJob, SlotView, WorkerView,
+};
 
 const WORKERS: usize = 1_000;
 const SLOTS: u32 = 8;

@@ -17,7 +17,7 @@ use crate::data::{batches, derived_rng, epoch_order, make_batch, mnist_10k, Imag
 use crate::job::{Checkpoint, JobContext, JobError, ResultsTable};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
-    count_params, evaluate, init_pytorch_style, named_vars, PiecewiseLr, SgdMomentum,
+    count_params, evaluate, init_pytorch_style, named_vars, Optimizer, PiecewiseLr,
 };
 
 const STATE_VERSION: u32 = 1;
@@ -37,6 +37,7 @@ struct Settings {
     lr: f64,
     milestones: Vec<f64>,
     lr_decay: f64,
+    optimizer: String,
     momentum: f64,
     weight_decay: f64,
     augment: bool,
@@ -73,6 +74,7 @@ impl Settings {
             lr: c.get_f64("lr")?,
             milestones: milestones(c)?,
             lr_decay: c.get_f64("lr_decay")?,
+            optimizer: c.get_str("optimizer")?.to_string(),
             momentum: c.get_f64("momentum")?,
             weight_decay: c.get_f64("weight_decay")?,
             augment: c.get_bool("augment")?,
@@ -272,16 +274,16 @@ fn save(
 
 fn model_tensors(
     vars: &[(String, candle_core::Var)],
-    opt: &SgdMomentum,
-) -> BTreeMap<String, Tensor> {
+    opt: &Optimizer,
+) -> Result<BTreeMap<String, Tensor>, JobError> {
     let mut out: BTreeMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
         .collect();
-    for (n, t) in opt.state_tensors() {
-        out.insert(format!("momentum.{n}"), t);
+    for (n, t) in opt.state_tensors()? {
+        out.insert(format!("optimizer.{n}"), t);
     }
-    out
+    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -300,7 +302,7 @@ fn train_model(
     init_pytorch_style(&varmap, derived_rng(phase_seed, 3, 0, 0).next_u64())?;
     let vars = named_vars(&varmap);
     let params = count_params(&varmap);
-    let mut opt = SgdMomentum::new(vars.clone(), s.lr, s.momentum, s.weight_decay);
+    let mut opt = Optimizer::by_name(&s.optimizer, vars.clone(), s.lr, s.momentum, s.weight_decay)?;
     if let Some(tensors) = restored {
         for (n, v) in &vars {
             let t = tensors
@@ -315,14 +317,14 @@ fn train_model(
             }
             v.set(&t.to_dtype(v.dtype())?)?;
         }
-        let momentum: BTreeMap<String, Tensor> = tensors
+        let opt_state: BTreeMap<String, Tensor> = tensors
             .iter()
             .filter_map(|(k, t)| {
-                k.strip_prefix("momentum.")
+                k.strip_prefix("optimizer.")
                     .map(|n| (n.to_string(), t.clone()))
             })
             .collect();
-        opt.load_state(&momentum).map_err(ckpt_err)?;
+        opt.load_state(&opt_state).map_err(ckpt_err)?;
     }
     if !state.in_progress {
         ctx.log(&format!("training {name}: {params} parameters"));
@@ -354,7 +356,7 @@ fn train_model(
             state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
             if ctx.should_stop() {
                 if state.global_step > last_saved {
-                    save(ctx, state, model_tensors(&vars, &opt), &[])?;
+                    save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
                 }
                 ctx.log(&format!(
                     "stopping at step {} on request",
@@ -364,7 +366,7 @@ fn train_model(
             }
             let phase_step = state.epoch * steps_per_epoch + state.step_in_epoch;
             let lr = schedule.lr_at(phase_step);
-            opt.lr = lr;
+            opt.set_lr(lr);
             let idx = &epoch_batches[state.step_in_epoch as usize];
             let mut rng = derived_rng(phase_seed, 2, state.epoch, state.step_in_epoch);
             let augment = s.augment.then_some((CROP_PAD, &mut rng));
@@ -449,7 +451,7 @@ fn train_model(
                 save(
                     ctx,
                     state,
-                    model_tensors(&vars, &opt),
+                    model_tensors(&vars, &opt)?,
                     &[(&format!("{name}/train_loss"), loss_v)],
                 )?;
                 last_saved = state.global_step;

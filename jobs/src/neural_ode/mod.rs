@@ -133,7 +133,7 @@ mod tests {
         assert_eq!(cp.state["epoch"], 1);
         assert_eq!(cp.state["step_in_epoch"], 2);
         assert!(cp.tensors.keys().any(|k| k.starts_with("model.odefunc.")));
-        assert!(cp.tensors.keys().any(|k| k.starts_with("momentum.")));
+        assert!(cp.tensors.keys().any(|k| k.starts_with("optimizer.")));
         assert!(first.results_table().is_none());
 
         // a straight run for comparison
@@ -175,7 +175,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>()
         };
         let e = job
-            .resolve_config("quick", &set("width", "40"))
+            .resolve_config("quick", &set("width", "36"))
             .unwrap_err();
         assert!(e.to_string().starts_with("width:"), "{e}");
         let e = job

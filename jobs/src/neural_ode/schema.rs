@@ -9,6 +9,8 @@ pub const EXPERIMENTS: &[&str] = &["mnist"];
 pub const MODELS: &[&str] = &["both", "odenet", "resnet"];
 /// ODE solvers.
 pub const SOLVERS: &[&str] = &["dopri5", "rk4"];
+/// Optimizers the job can train with.
+pub const OPTIMIZERS: &[&str] = &["sgd", "adam"];
 
 /// The job's schema: presets `quick` (default, a few minutes on 2 CPU cores) and
 /// `paper` (the paper's recipe).
@@ -43,8 +45,8 @@ pub fn schema() -> ConfigSchema {
             32,
             "GroupNorm groups, capped at the width (paper: min(32, C)); must divide the width",
         )
-        .preset("quick", 16),
-        ConfigKey::int("epochs", 1, 10_000, 160, "training epochs per model").preset("quick", 2),
+        .preset("quick", 8),
+        ConfigKey::int("epochs", 1, 10_000, 160, "training epochs per model").preset("quick", 4),
         ConfigKey::int("batch_size", 1, 8000, 128, "mini-batch size").preset("quick", 32),
         ConfigKey::float(
             "lr",
@@ -59,11 +61,18 @@ pub fn schema() -> ConfigSchema {
             "0.375,0.625,0.875",
             "comma-separated fractions of training (0..1) at which lr is multiplied by lr_decay \
              (paper: epochs 60,100,140 of 160)",
-        ),
+        )
+        .preset("quick", "0.75"),
         ConfigKey::float("lr_decay", 0.0, 1.0, 0.1, "lr factor at each milestone"),
+        ConfigKey::choice(
+            "optimizer",
+            OPTIMIZERS,
+            "sgd",
+            "sgd (with momentum; the paper) or adam",
+        ),
         ConfigKey::float("momentum", 0.0, 0.999, 0.9, "SGD momentum"),
         ConfigKey::float("weight_decay", 0.0, 1.0, 0.0, "L2 weight decay"),
-        ConfigKey::bool("augment", true, "random crop (pad 4, crop 28)"),
+        ConfigKey::bool("augment", true, "random crop (pad 4, crop 28)").preset("quick", false),
         ConfigKey::int(
             "train_samples",
             1,
@@ -106,7 +115,8 @@ pub fn schema() -> ConfigSchema {
         &[
             (
                 "quick",
-                "small CPU run: width 32 (16 groups), batch 32, 2 epochs, tolerance 0.1",
+                "small CPU run: width 32 (8 groups), batch 32, 4 epochs, one lr decay, no augmentation, \
+                 tolerance 0.1",
             ),
             (
                 "paper",

@@ -10,5 +10,5 @@ pub mod params;
 pub use eval::{evaluate, EvalResult};
 pub use gradcheck::{check_grads, GradCheckError};
 pub use init::init_pytorch_style;
-pub use optim::{PiecewiseLr, SgdMomentum};
+pub use optim::{Adam, Optimizer, PiecewiseLr, SgdMomentum};
 pub use params::{count_params, named_vars};

@@ -1,4 +1,5 @@
-//! SGD with momentum (PyTorch semantics) and a piecewise-constant learning-rate schedule.
+//! SGD with momentum and Adam (PyTorch semantics), and a piecewise-constant
+//! learning-rate schedule.
 //!
 //! `candle_nn::SGD` has no momentum, so this is our own. Update per parameter `p` with
 //! gradient `g`: `g += wd·p; buf = μ·buf + g` (`buf = g` on the first step);
@@ -96,6 +97,187 @@ impl SgdMomentum {
     }
 }
 
+/// Adam (Kingma & Ba), PyTorch semantics with L2 weight decay added to the gradient:
+/// `m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+/// p -= lr · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + ε)`.
+///
+/// Unlike `candle_nn::AdamW` its state (moments and step count) can be saved and restored,
+/// so a checkpointed run resumes with exactly the same updates.
+#[derive(Debug)]
+pub struct Adam {
+    vars: Vec<(String, Var)>,
+    moments: Vec<Option<(Tensor, Tensor)>>,
+    steps: u64,
+    /// Current learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+}
+
+impl Adam {
+    /// Adam over `vars` with the usual β1 = 0.9, β2 = 0.999, ε = 1e-8.
+    pub fn new(vars: Vec<(String, Var)>, lr: f64, weight_decay: f64) -> Self {
+        let moments = vec![None; vars.len()];
+        Self {
+            vars,
+            moments,
+            steps: 0,
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+
+    /// One update from `grads`. Variables without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.steps += 1;
+        let t = self.steps as i32;
+        let c1 = 1.0 - self.beta1.powi(t);
+        let c2 = 1.0 - self.beta2.powi(t);
+        for ((_, var), slot) in self.vars.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let mut g = g.clone();
+            if self.weight_decay != 0.0 {
+                g = (g + (var.as_tensor() * self.weight_decay)?)?;
+            }
+            let (m, v) = match slot.take() {
+                Some((m, v)) => (
+                    ((m * self.beta1)? + (&g * (1.0 - self.beta1))?)?,
+                    ((v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?,
+                ),
+                None => ((&g * (1.0 - self.beta1))?, (g.sqr()? * (1.0 - self.beta2))?),
+            };
+            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            *slot = Some((m, v));
+        }
+        Ok(())
+    }
+
+    /// Moments (`m.<name>`, `v.<name>`) and the step count (`steps`, a scalar).
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for ((n, _), slot) in self.vars.iter().zip(&self.moments) {
+            if let Some((m, v)) = slot {
+                out.insert(format!("m.{n}"), m.clone());
+                out.insert(format!("v.{n}"), v.clone());
+            }
+        }
+        if let Some((_, var)) = self.vars.first() {
+            out.insert(
+                "steps".to_string(),
+                Tensor::new(self.steps as f64, var.device())?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Restores the state saved by [`Adam::state_tensors`]. Shapes must match.
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        for ((name, var), slot) in self.vars.iter().zip(self.moments.iter_mut()) {
+            *slot = match (
+                state.get(&format!("m.{name}")),
+                state.get(&format!("v.{name}")),
+            ) {
+                (Some(m), Some(v)) => {
+                    if m.dims() != var.dims() || v.dims() != var.dims() {
+                        candle_core::bail!(
+                            "Adam moments of {name}: shapes {:?}/{:?} do not match {:?}",
+                            m.dims(),
+                            v.dims(),
+                            var.dims()
+                        );
+                    }
+                    Some((
+                        m.to_dtype(var.dtype())?.copy()?,
+                        v.to_dtype(var.dtype())?.copy()?,
+                    ))
+                }
+                _ => None,
+            };
+        }
+        self.steps = match state.get("steps") {
+            Some(t) => t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? as u64,
+            None => 0,
+        };
+        Ok(())
+    }
+}
+
+/// The optimizers a job can choose by name (`sgd` with momentum, or `adam`), behind one
+/// interface: step, learning rate, and state for checkpoints.
+#[derive(Debug)]
+pub enum Optimizer {
+    /// SGD with momentum.
+    Sgd(SgdMomentum),
+    /// Adam.
+    Adam(Adam),
+}
+
+impl Optimizer {
+    /// Builds the optimizer named `name` (`sgd` or `adam`) over `vars`.
+    pub fn by_name(
+        name: &str,
+        vars: Vec<(String, Var)>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
+        match name {
+            "sgd" => Ok(Self::Sgd(SgdMomentum::new(
+                vars,
+                lr,
+                momentum,
+                weight_decay,
+            ))),
+            "adam" => Ok(Self::Adam(Adam::new(vars, lr, weight_decay))),
+            other => candle_core::bail!("unknown optimizer {other:?} (known: sgd, adam)"),
+        }
+    }
+
+    /// Sets the learning rate for the next steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Sgd(o) => o.lr = lr,
+            Self::Adam(o) => o.lr = lr,
+        }
+    }
+
+    /// One update from `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Self::Sgd(o) => o.step(grads),
+            Self::Adam(o) => o.step(grads),
+        }
+    }
+
+    /// The optimizer's state as named tensors, for a checkpoint.
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            Self::Sgd(o) => Ok(o.state_tensors()),
+            Self::Adam(o) => o.state_tensors(),
+        }
+    }
+
+    /// Restores the state saved by [`Optimizer::state_tensors`].
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        match self {
+            Self::Sgd(o) => o.load_state(state),
+            Self::Adam(o) => o.load_state(state),
+        }
+    }
+}
+
 /// Piecewise-constant learning rate: `base · factor^k` after the k-th boundary step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PiecewiseLr {
@@ -186,6 +368,49 @@ mod tests {
         .into_iter()
         .collect();
         assert!(opt2.load_state(&bad).is_err());
+    }
+
+    #[test]
+    fn adam_matches_the_reference_update_and_resumes_exactly() {
+        let w = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Adam::new(vec![("w".into(), w.clone())], 0.1, 0.0);
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let mut p = [1.0f64, -2.0];
+        let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
+        for t in 1..=3 {
+            let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            for i in 0..2 {
+                let g = p[i];
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let mh = m[i] / (1.0 - b1.powi(t));
+                let vh = v[i] / (1.0 - b2.powi(t));
+                p[i] -= 0.1 * mh / (vh.sqrt() + eps);
+            }
+            let got = w.as_tensor().to_vec1::<f32>().unwrap();
+            for i in 0..2 {
+                assert!((got[i] as f64 - p[i]).abs() < 1e-5, "{got:?} {p:?}");
+            }
+        }
+        let state = opt.state_tensors().unwrap();
+        let w2 = Var::from_tensor(&w.as_tensor().copy().unwrap()).unwrap();
+        let mut opt2 =
+            Optimizer::by_name("adam", vec![("w".into(), w2.clone())], 0.1, 0.0, 0.0).unwrap();
+        opt2.load_state(&state).unwrap();
+        let step = |var: &Var| {
+            (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5)
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        opt.step(&step(&w)).unwrap();
+        opt2.step(&step(&w2)).unwrap();
+        assert_eq!(
+            w.as_tensor().to_vec1::<f32>().unwrap(),
+            w2.as_tensor().to_vec1::<f32>().unwrap()
+        );
+        assert!(Optimizer::by_name("lbfgs", vec![], 0.1, 0.0, 0.0).is_err());
     }
 
     #[test]
