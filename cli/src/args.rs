@@ -110,7 +110,8 @@ pub struct CoordinatorArgs {
     /// Directory for the state store and the object folder (unless --store/--objects say otherwise).
     #[arg(long, default_value = ".trainyard/coordinator", value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// State store URL, e.g. file:///var/lib/trainyard/state.redb.
+    /// State store URL: file:///var/lib/trainyard/state.redb (embedded, the default in the
+    /// data dir) or etcd://host1:2379,host2:2379[/prefix] (etcd).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
     /// Object store URL for checkpoints, e.g. file:///var/lib/trainyard/objects.
@@ -284,6 +285,10 @@ pub struct ClusterArgs {
     /// Object store URL for checkpoints (default: a folder in the data dir).
     #[arg(long, value_name = "URL")]
     pub objects: Option<String>,
+    /// State store URL: file:///path/state.redb or etcd://host1:2379,host2:2379[/prefix]
+    /// (default: a redb file in the data dir).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
 }
 
 /// `trainyard local`.

@@ -107,6 +107,11 @@ impl LocalCluster {
         if let Some(o) = &shape.objects {
             config.objects_url = location_url(o)?;
         }
+        if let Some(s) = &shape.store {
+            config.store_url = location_url(s)?;
+            trainyard_coordinator::store::StoreUrl::parse(&config.store_url)
+                .map_err(|e| bad_input(format!("--store: {e}")))?;
+        }
         let coordinator = trainyard_coordinator::start(config)
             .await
             .with_context(|| format!("starting the coordinator on {listen}"))?;

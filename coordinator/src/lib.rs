@@ -2,7 +2,8 @@
 //! gRPC health and server reflection on one port), the scheduler and the state store.
 //!
 //! Layout (Ballista style — scheduling logic is pure, state sits behind a narrow trait):
-//! - [`store`]: the [`store::StateStore`] trait (etcd semantics) and its embedded redb backend;
+//! - [`store`]: the [`store::StateStore`] trait (etcd semantics), its embedded redb and etcd
+//!   backends, and [`store::open`], which picks one from the store URL;
 //! - [`lifecycle`]: the job state machine;
 //! - [`scheduler::placement`]: placement as a pure function; [`scheduler`]: the loop;
 //! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters.
@@ -45,7 +46,8 @@ use crate::store::StoreError;
 pub struct CoordinatorConfig {
     /// Address to serve on; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// State store: `file:///abs/path/state.redb` (embedded redb).
+    /// State store URL (see [`store::open`]): `file:///abs/path/state.redb` (embedded redb)
+    /// or `etcd://host1:2379,host2:2379[/prefix]` (etcd).
     pub store_url: String,
     /// Object store for checkpoints: `file:///abs/path/objects`.
     pub objects_url: String,
@@ -163,7 +165,8 @@ fn prepare_objects(url: &str) -> Result<(), CoordinatorError> {
     }
 }
 
-/// Opens the store, recovers unfinished jobs, binds the port and serves every service.
+/// Opens the store (waiting for etcd while it is unreachable), recovers unfinished jobs,
+/// binds the port and serves every service.
 pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
     if config.heartbeat_timeout.is_zero() || config.heartbeat_interval.is_zero() {
         return Err(CoordinatorError::Config(
@@ -176,9 +179,9 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         ));
     }
     prepare_objects(&config.objects_url)?;
-    let store = store::open_store(&config.store_url)?;
+    let store = store::open(&config.store_url).await?;
     let coord = Arc::new(Coordinator::new(
-        Arc::new(store),
+        store,
         Settings {
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
@@ -248,7 +251,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
             .await
     });
-    tracing::info!(addr = %local_addr, store = %config.store_url, "coordinator listening");
+    tracing::info!(addr = %local_addr, store = %store::redact_url(&config.store_url), "coordinator listening");
     Ok(CoordinatorHandle {
         local_addr,
         shutdown: shutdown_tx,

@@ -17,6 +17,8 @@ pub fn config(args: &CoordinatorArgs) -> Result<CoordinatorConfig> {
     config.listen = args.listen;
     if let Some(s) = &args.store {
         config.store_url = location_url(s)?;
+        trainyard_coordinator::store::StoreUrl::parse(&config.store_url)
+            .map_err(|e| bad_input(format!("--store: {e}")))?;
     }
     if let Some(o) = &args.objects {
         config.objects_url = location_url(o)?;
@@ -41,7 +43,8 @@ pub async fn run(args: CoordinatorArgs) -> Result<i32> {
     let config = config(&args)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let (store, objects) = (config.store_url.clone(), config.objects_url.clone());
+    let store = trainyard_coordinator::store::redact_url(&config.store_url);
+    let objects = config.objects_url.clone();
     let handle = trainyard_coordinator::start(config)
         .await
         .with_context(|| format!("starting the coordinator on {}", args.listen))?;

@@ -12,6 +12,12 @@ pub async fn run(args: LocalArgs) -> Result<i32> {
     let url = &cluster.url;
     println!("trainyard local cluster listening on {}", cluster.addr);
     println!("  data:     {}", cluster.data_dir.display());
+    if let Some(store) = &args.cluster.store {
+        println!(
+            "  store:    {}",
+            trainyard_coordinator::store::redact_url(store)
+        );
+    }
     println!("  workers:  {}", args.cluster.workers);
     println!();
     println!("Submit a job from another terminal:");

@@ -476,14 +476,31 @@ mod tests {
     }
 
     #[test]
-    fn open_store_rejects_bad_urls() {
+    fn store_url_rejects_bad_file_urls() {
+        use super::super::StoreUrl;
         assert!(matches!(
-            super::super::open_store("s3://bucket/x"),
+            StoreUrl::parse("s3://bucket/x"),
             Err(StoreError::BadUrl { .. })
         ));
         assert!(matches!(
-            super::super::open_store("file://relative/x.redb"),
+            StoreUrl::parse("file://relative/x.redb"),
             Err(StoreError::BadUrl { .. })
         ));
+        assert_eq!(
+            StoreUrl::parse("file:///var/lib/ty/state.redb"),
+            Ok(StoreUrl::Embedded(PathBuf::from("/var/lib/ty/state.redb")))
+        );
+    }
+
+    #[tokio::test]
+    async fn open_by_url_gives_the_embedded_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("s.redb").display());
+        let store = super::super::open(&url).await.unwrap();
+        let job = Job {
+            id: "job-u".into(),
+            ..Default::default()
+        };
+        assert_eq!(store.create_job(job).await.unwrap().revision, 1);
     }
 }

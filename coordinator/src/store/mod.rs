@@ -18,6 +18,11 @@
 //!   renews it; [`StateStore::expire_workers`] removes (and returns) the workers whose
 //!   lease ran out (etcd deletes keys attached to an expired lease by itself).
 //!
+//! # Backends
+//!
+//! [`open`] picks one from a URL: [`embedded`] (`file:///path/state.redb`, one redb file)
+//! or [`etcd`] (`etcd://host1:2379,host2:2379[/prefix]`). Both pass [`conformance`].
+//!
 //! # Key layout (etcd; the embedded backend mirrors it in redb tables)
 //!
 //! ```text
@@ -30,6 +35,7 @@
 //! listing jobs oldest first; page tokens are the last id of the previous page.
 
 pub mod embedded;
+pub mod etcd;
 
 #[cfg(test)]
 pub mod conformance;
@@ -41,6 +47,7 @@ use futures::Stream;
 use trainyard_proto::{CheckpointInfo, Job, JobState, Worker};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 /// A store-wide revision (etcd's `mod_revision`). Starts at 1 with the first write.
 pub type Revision = i64;
@@ -86,7 +93,7 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
-    /// The store URL is not usable.
+    /// The store URL is not usable (the URL is shown with its password redacted).
     #[error("bad store url {url}: {reason}")]
     BadUrl {
         /// The URL.
@@ -186,19 +193,79 @@ pub trait StateStore: Send + Sync + 'static {
     async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError>;
 }
 
-/// Opens the store a URL names: `file:///abs/path/state.redb` (embedded redb).
-pub fn open_store(url: &str) -> Result<EmbeddedStore, StoreError> {
-    let bad = |reason: &str| StoreError::BadUrl {
-        url: url.to_string(),
-        reason: reason.to_string(),
-    };
-    let path = url
-        .strip_prefix("file://")
-        .ok_or_else(|| bad("only file:// (embedded redb) is supported for now"))?;
-    if !path.starts_with('/') {
-        return Err(bad(
-            "the path must be absolute (file:///abs/path/state.redb)",
-        ));
+/// A parsed store URL: which backend, and how to reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreUrl {
+    /// `file:///abs/path/state.redb`: the embedded redb store in that file.
+    Embedded(std::path::PathBuf),
+    /// `etcd://host1:2379,host2:2379[/prefix]` or `etcd+https://...?ca=...`: etcd.
+    Etcd(etcd::EtcdConfig),
+}
+
+impl StoreUrl {
+    /// Parses a store URL (see [`open`] for the forms); a bad one is [`StoreError::BadUrl`]
+    /// naming the problem.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        let bad = |reason: &str| StoreError::BadUrl {
+            url: redact_url(url),
+            reason: reason.to_string(),
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad(
+                    "the path must be absolute (file:///abs/path/state.redb)",
+                ));
+            }
+            if path.ends_with('/') {
+                return Err(bad(
+                    "the path names a folder; name the file (file:///abs/path/state.redb)",
+                ));
+            }
+            return Ok(Self::Embedded(std::path::PathBuf::from(path)));
+        }
+        if url.starts_with("etcd://") || url.starts_with("etcd+https://") {
+            return Ok(Self::Etcd(etcd::EtcdConfig::from_url(url)?));
+        }
+        Err(bad(
+            "unknown scheme: expected file:///abs/path/state.redb (embedded) or \
+             etcd://host1:2379,host2:2379[/prefix] (etcd)",
+        ))
     }
-    EmbeddedStore::open(std::path::Path::new(path))
+}
+
+/// Opens the store a URL names — the one place that picks a backend:
+///
+/// - `file:///abs/path/state.redb`: the embedded redb store ([`EmbeddedStore`]);
+/// - `etcd://[user[:password]@]host1[:port],host2[:port][/prefix]`: etcd over plain HTTP
+///   ([`EtcdStore`]); the port defaults to 2379, the key prefix to `/trainyard`;
+/// - `etcd+https://...?ca=/path/ca.pem[&cert=/path/client.pem&key=/path/client.key]`: etcd
+///   over TLS.
+///
+/// An unreachable etcd is retried with backoff until it answers (logged at `warn`).
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn StateStore>, StoreError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Embedded(path) => {
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Backend(e.to_string()))??;
+            Ok(std::sync::Arc::new(store))
+        }
+        StoreUrl::Etcd(config) => Ok(std::sync::Arc::new(EtcdStore::connect(config).await?)),
+    }
+}
+
+/// The URL with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let user = authority[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_string(),
+    }
 }

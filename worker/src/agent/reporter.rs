@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use trainyard_proto::{rank_event, LogLine, RankEvent, RankReport};
+use trainyard_proto::{rank_event, LogLine, RankEvent, RankReport, RankState};
 
 use super::session::{Backoff, CALL_TIMEOUT};
 use super::{Agent, RankKey, StopReason};
@@ -96,10 +96,14 @@ pub(crate) async fn report_loop(
             }
         }
         if rejected {
-            // The coordinator fenced this attempt off: drain and discard.
-            pending.events.clear();
+            // The coordinator fenced this attempt off (a stale attempt, or a job that ended,
+            // e.g. cancelled): discard everything but the rank's exit, which the coordinator
+            // still needs to free the rank's device.
+            pending.events.retain(is_exit);
             pending.dropped_logs = 0;
-            continue;
+            if pending.events.is_empty() {
+                continue;
+            }
         }
         let batch = pending.batch();
         let n = batch.len();
@@ -115,7 +119,7 @@ pub(crate) async fn report_loop(
                 pending.events.drain(..n);
                 backoff.reset();
                 failures = 0;
-                if !response.into_inner().accepted {
+                if !response.into_inner().accepted && !rejected {
                     tracing::warn!(rank = %key, "coordinator rejected the report (stale attempt); stopping the rank");
                     rejected = true;
                     agent.stop_rank(&key, StopReason::Stale);
@@ -143,6 +147,17 @@ pub(crate) async fn report_loop(
             }
         }
     }
+}
+
+/// True for the event that says the rank process has exited (SUCCEEDED, FAILED or CANCELLED).
+fn is_exit(event: &RankEvent) -> bool {
+    matches!(
+        &event.kind,
+        Some(rank_event::Kind::State(change)) if matches!(
+            change.state(),
+            RankState::Succeeded | RankState::Failed | RankState::Cancelled
+        )
+    )
 }
 
 /// Waits out the backoff while still taking in events (so the channel does not grow).
