@@ -120,6 +120,10 @@ pub struct CoordinatorArgs {
     /// Seconds without a heartbeat after which a worker is declared dead.
     #[arg(long, value_name = "SECS")]
     pub heartbeat_timeout: Option<f64>,
+    /// The address other coordinators, workers and clients reach this one at (host:port),
+    /// published in the leader election with an etcd store (default: the listen address).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
 }
 
 /// `trainyard worker`.

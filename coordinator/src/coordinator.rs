@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{broadcast, Mutex, Notify};
+use tokio::sync::{broadcast, watch, Mutex, Notify};
 use tonic::Status;
 use trainyard_proto::{
     job_event, rank_event, CheckpointInfo, ConfigKey, DeviceUse, Job, JobEvent, JobState, JobType,
@@ -20,6 +20,7 @@ use trainyard_proto::{
     RegisterWorkerResponse, Transition, Worker, WorkerState,
 };
 
+use crate::leader::Leadership;
 use crate::state::{
     self, cancel_ranks, now_unix_ms, CommandReceiver, JobEntry, SlotUse, State, WorkerEntry,
 };
@@ -53,7 +54,13 @@ pub enum OpError {
     /// An invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
+    /// This coordinator is a follower; writes go to the leader (at this address, if known).
+    #[error("not the leader; leader is {}", .0.as_deref().unwrap_or("unknown"))]
+    NotLeader(Option<String>),
 }
+
+/// The gRPC metadata key naming the leader's address in a follower's `Unavailable`.
+pub const LEADER_METADATA: &str = "x-trainyard-leader";
 
 impl From<OpError> for Status {
     fn from(e: OpError) -> Self {
@@ -64,6 +71,15 @@ impl From<OpError> for Status {
             OpError::Store(e) => Status::unavailable(e.to_string()),
             OpError::Unavailable(m) => Status::unavailable(m),
             OpError::Internal(m) => Status::internal(m),
+            e @ OpError::NotLeader(_) => {
+                let mut status = Status::unavailable(e.to_string());
+                if let OpError::NotLeader(Some(addr)) = &e {
+                    if let Ok(v) = addr.parse() {
+                        status.metadata_mut().insert(LEADER_METADATA, v);
+                    }
+                }
+                status
+            }
         }
     }
 }
@@ -98,8 +114,12 @@ pub struct Coordinator {
     pub state: Mutex<State>,
     /// Wakes the scheduler loop.
     pub wake: Notify,
+    /// Who leads (see [`crate::leader`]); only the leader schedules and writes.
+    pub leadership: watch::Receiver<Leadership>,
     last_id_ms: AtomicI64,
     closing: AtomicBool,
+    /// Set once the leader has reconciled from the store; until then it refuses writes.
+    ready: AtomicBool,
 }
 
 /// Writes a tracked job with compare-and-set at the revision it was read at.
@@ -153,9 +173,52 @@ impl Coordinator {
             settings,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            leadership: crate::leader::single_node(""),
             last_id_ms: AtomicI64::new(0),
             closing: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
         }
+    }
+
+    /// The same coordinator, following `leadership` instead of always leading.
+    pub fn with_leadership(mut self, leadership: watch::Receiver<Leadership>) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    /// The current term if this coordinator leads, else [`OpError::NotLeader`].
+    pub fn require_leader(&self) -> Result<u64, OpError> {
+        let l = self.leadership.borrow();
+        if l.is_leader && self.ready.load(Ordering::SeqCst) {
+            Ok(l.term)
+        } else {
+            Err(OpError::NotLeader(l.leader_addr.clone()))
+        }
+    }
+
+    /// Whether this coordinator leads now.
+    pub fn is_leader(&self) -> bool {
+        self.leadership.borrow().is_leader && self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the in-memory state after losing leadership: worker command streams end
+    /// (their senders drop), so the workers go and find the new leader.
+    pub async fn step_down(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+        let mut st = self.state.lock().await;
+        *st = State::default();
+        tracing::info!("stepped down: scheduling stopped, worker streams closed");
+    }
+
+    /// Takes over after winning an election: forgets whatever was in memory and reconciles
+    /// from the store (the restart-recovery path).
+    pub async fn take_over(&self) -> Result<(), StoreError> {
+        self.ready.store(false, Ordering::SeqCst);
+        {
+            let mut st = self.state.lock().await;
+            *st = State::default();
+        }
+        self.recover().await
     }
 
     /// A new job id and its creation time: `job-` + 8 base-36 digits of the creation
@@ -217,11 +280,13 @@ impl Coordinator {
             orphans,
             "recovered jobs from the store"
         );
+        self.ready.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Validates and stores a new PENDING job.
     pub async fn submit(&self, spec: Option<trainyard_proto::JobSpec>) -> Result<Job, OpError> {
+        self.require_leader()?;
         let valid =
             validate_spec(trainyard_jobs::registry(), spec).map_err(OpError::InvalidArgument)?;
         let mut st = self.state.lock().await;
@@ -331,6 +396,7 @@ impl Coordinator {
     /// Cancels a job: at once if PENDING; SCHEDULED/RUNNING ranks get CancelRank (their
     /// devices stay reserved until the worker reports them gone or dies).
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<Job, OpError> {
+        self.require_leader()?;
         let mut guard = self.state.lock().await;
         self.ensure_tracked(&mut guard, id).await?;
         let st = &mut *guard;
@@ -362,6 +428,8 @@ impl Coordinator {
     /// The job's history, then (if `follow`) live events until it ends.
     pub async fn watch(&self, id: &str, follow: bool) -> Result<EventStream, OpError> {
         self.check_open()?;
+        // Event history lives in the leader's memory.
+        self.require_leader()?;
         let mut st = self.state.lock().await;
         self.ensure_tracked(&mut st, id).await?;
         let entry = st
@@ -435,6 +503,7 @@ impl Coordinator {
         req: RegisterWorkerRequest,
     ) -> Result<RegisterWorkerResponse, OpError> {
         self.check_open()?;
+        self.require_leader()?;
         let mut seen = BTreeSet::new();
         for d in &req.devices {
             if !seen.insert(d.index) {
@@ -479,9 +548,6 @@ impl Coordinator {
                 rank_state,
                 RankState::Succeeded | RankState::Failed | RankState::Cancelled
             );
-            if !alive_rank {
-                continue;
-            }
             let adopt = match st.jobs.get_mut(&rs.job_id) {
                 Some(je)
                     if je.orphaned
@@ -509,6 +575,12 @@ impl Coordinator {
                 }
                 _ => false,
             };
+            if !alive_rank {
+                // A rank that ended while no coordinator listened (its exit report is still
+                // on its way): it counts for adoption, but holds no device and is not
+                // cancelled.
+                continue;
+            }
             entry.used.insert(
                 rs.device_index,
                 SlotUse {
@@ -525,6 +597,7 @@ impl Coordinator {
                         rank: rs.rank,
                         reason: "stale attempt: the job was requeued, finished or is unknown"
                             .into(),
+                        leader_term: 0,
                     },
                 ));
             }
@@ -550,6 +623,12 @@ impl Coordinator {
 
     /// Renews a worker's lease. False if the coordinator does not know it.
     pub async fn heartbeat(&self, worker_id: &str) -> Result<bool, OpError> {
+        self.require_leader()?;
+        // A worker registered with a previous leader is unknown here, even if its store
+        // record lives on: it must register again, listing its ranks.
+        if !self.state.lock().await.workers.contains_key(worker_id) {
+            return Ok(false);
+        }
         Ok(self.store.keep_alive(worker_id).await?)
     }
 
@@ -557,6 +636,7 @@ impl Coordinator {
     /// opened are in it). A second stream for the same worker replaces the first.
     pub async fn stream_commands(&self, worker_id: &str) -> Result<CommandReceiver, OpError> {
         self.check_open()?;
+        self.require_leader()?;
         let mut st = self.state.lock().await;
         let w = st
             .workers
@@ -575,6 +655,7 @@ impl Coordinator {
     /// Applies a batch of rank events. Returns false if the report is for a stale attempt
     /// (the rank must stop); terminal rank states still free their device.
     pub async fn report_rank(&self, req: RankReport) -> Result<bool, OpError> {
+        self.require_leader()?;
         let mut guard = self.state.lock().await;
         let tracked = match self.ensure_tracked(&mut guard, &req.job_id).await {
             Ok(()) => true,
@@ -740,6 +821,10 @@ impl Coordinator {
     /// Alive workers (and recently dead ones) with their devices and used slots.
     pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<Worker>, OpError> {
         let alive = self.store.list_workers().await?;
+        if !self.is_leader() {
+            // A follower knows only the store's records.
+            return Ok(alive);
+        }
         let st = self.state.lock().await;
         let mut out: Vec<Worker> = alive
             .into_iter()

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod coordinator;
+pub mod leader;
 pub mod lifecycle;
 pub mod scheduler;
 pub mod service;
@@ -55,6 +56,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A worker silent this long is dead (default 5 s).
     pub heartbeat_timeout: Duration,
+    /// The address other coordinators, workers and clients reach this one at (`host:port`),
+    /// published in the leader election; default: the bound listen address.
+    pub advertise: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -66,6 +70,7 @@ impl CoordinatorConfig {
             objects_url: format!("file://{}", dir.join("objects").display()),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
+            advertise: None,
         }
     }
 }
@@ -103,6 +108,7 @@ pub struct CoordinatorHandle {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     scheduler: JoinHandle<()>,
+    elector: Option<leader::Elector>,
 }
 
 /// How long a graceful shutdown waits for the server to drain.
@@ -136,6 +142,9 @@ impl CoordinatorHandle {
             (&mut server).await
         };
         let _ = self.shutdown.send(true);
+        if let Some(elector) = self.elector {
+            elector.stop().await;
+        }
         let sched = self.scheduler.await;
         served.map_err(|e| CoordinatorError::Task(e.to_string()))??;
         sched.map_err(|e| CoordinatorError::Task(e.to_string()))?;
@@ -179,16 +188,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         ));
     }
     prepare_objects(&config.objects_url)?;
-    let store = store::open(&config.store_url).await?;
-    let coord = Arc::new(Coordinator::new(
-        store,
-        Settings {
-            heartbeat_interval: config.heartbeat_interval,
-            heartbeat_timeout: config.heartbeat_timeout,
-            objects_url: config.objects_url.clone(),
-        },
-    ));
-    coord.recover().await?;
+    let (store, etcd) = match store::StoreUrl::parse(&config.store_url)? {
+        store::StoreUrl::Etcd(cfg) => {
+            let etcd = store::EtcdStore::connect(cfg).await?;
+            let election = (etcd.client().clone(), format!("{}leader", etcd.root()));
+            (Arc::new(etcd) as Arc<dyn store::StateStore>, Some(election))
+        }
+        store::StoreUrl::Embedded(_) => (store::open(&config.store_url).await?, None),
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -203,9 +210,40 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             source,
         })?;
 
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local_addr.to_string());
+    let (elector, leadership) = match etcd {
+        Some((client, name)) => {
+            let elector = leader::Elector::start(client, name, advertise.clone());
+            let watch = elector.watch();
+            (Some(elector), watch)
+        }
+        None => (None, leader::single_node(&advertise)),
+    };
+    let coord = Arc::new(
+        Coordinator::new(
+            store,
+            Settings {
+                heartbeat_interval: config.heartbeat_interval,
+                heartbeat_timeout: config.heartbeat_timeout,
+                objects_url: config.objects_url.clone(),
+            },
+        )
+        .with_leadership(leadership.clone()),
+    );
+    // A single node leads from the start: reconcile before serving. An elected leader
+    // reconciles in the scheduler loop when it wins.
+    let leading = coord.leadership.borrow().is_leader;
+    if leading {
+        coord.recover().await?;
+    }
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobApi>>().await;
-    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    set_worker_service_health(&health, leading).await;
+    tokio::spawn(follow_health(health.clone(), leadership));
     health
         .set_serving::<ClusterServiceServer<ClusterApi>>()
         .await;
@@ -219,7 +257,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         .map_err(|e| CoordinatorError::Config(format!("reflection: {e}")))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let scheduler = tokio::spawn(scheduler::run(coord.clone(), shutdown_rx.clone()));
+    let scheduler = tokio::spawn(scheduler::run(coord.clone(), shutdown_rx.clone(), leading));
 
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -257,5 +295,33 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         shutdown: shutdown_tx,
         server,
         scheduler,
+        elector,
     })
+}
+
+/// WorkerService is SERVING only on the leader, so probes and load balancers route workers
+/// there.
+async fn set_worker_service_health(health: &tonic_health::server::HealthReporter, leading: bool) {
+    if leading {
+        health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    } else {
+        health
+            .set_not_serving::<WorkerServiceServer<WorkerApi>>()
+            .await;
+    }
+}
+
+/// Reports the WorkerService SERVING only while this coordinator leads, so probes and load
+/// balancers route workers to the leader ("" stays SERVING on every coordinator).
+async fn follow_health(
+    health: tonic_health::server::HealthReporter,
+    mut leadership: watch::Receiver<leader::Leadership>,
+) {
+    loop {
+        let leading = leadership.borrow_and_update().is_leader;
+        set_worker_service_health(&health, leading).await;
+        if leadership.changed().await.is_err() {
+            break;
+        }
+    }
 }

@@ -331,6 +331,7 @@ pub fn cancel_ranks(
                 attempt: job.attempt,
                 rank: p.rank,
                 reason: reason.to_string(),
+                leader_term: 0,
             }));
         }
     }

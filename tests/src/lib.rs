@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod ha;
+
 /// Default time limit of one CLI command.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
 /// Heartbeat timeout of test coordinators: a killed worker is declared dead this fast.
@@ -193,7 +195,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, args: &[String], log_path: &Path, pipe_stdout: bool) -> Proc {
+    pub(crate) fn spawn(name: &str, args: &[String], log_path: &Path, pipe_stdout: bool) -> Proc {
         let bin = trainyard_bin();
         let log = File::create(log_path).expect("creating a process log file");
         let mut cmd = Command::new(&bin);
@@ -378,23 +380,7 @@ impl Cluster {
 
     /// Waits until at least `n` workers are alive.
     pub fn wait_for_workers(&self, n: usize) {
-        poll(
-            &format!("{n} alive workers"),
-            Duration::from_secs(60),
-            Duration::from_millis(200),
-            || {
-                let out = self.cli(&["workers", "-o", "json"]);
-                if out.code != 0 {
-                    return None;
-                }
-                let alive = out
-                    .json()
-                    .as_array()
-                    .map(|ws| ws.iter().filter(|w| w["state"] == "ALIVE").count())
-                    .unwrap_or(0);
-                (alive >= n).then_some(())
-            },
-        );
+        wait_for_alive_workers(n, |args| self.cli(args));
     }
 
     /// The object-store folder (`file://` objects URL of the coordinator).
@@ -532,7 +518,29 @@ impl Drop for Cluster {
 
 /// Reads the coordinator's first stdout line (`... listening on ADDR`); the rest of its
 /// stdout goes to its log file.
-fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr {
+/// Waits until `trainyard workers -o json`, run through `cli`, lists at least `n` alive
+/// workers.
+pub(crate) fn wait_for_alive_workers(n: usize, cli: impl Fn(&[&str]) -> Output) {
+    poll(
+        &format!("{n} alive workers"),
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let out = cli(&["workers", "-o", "json"]);
+            if out.code != 0 {
+                return None;
+            }
+            let alive = out
+                .json()
+                .as_array()
+                .map(|ws| ws.iter().filter(|w| w["state"] == "ALIVE").count())
+                .unwrap_or(0);
+            (alive >= n).then_some(())
+        },
+    );
+}
+
+pub(crate) fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr {
     let stdout = proc
         .child
         .as_mut()

@@ -6,6 +6,7 @@
 //! * [`supervisor`]: the life of one rank process (spawn, output, cancel, exit).
 //! * [`reporter`]: batches a rank's events into `ReportRank` calls.
 
+mod coordinators;
 mod reporter;
 mod session;
 mod supervisor;
@@ -14,13 +15,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
-use trainyard_proto::worker_service_client::WorkerServiceClient;
 use trainyard_proto::{CancelRank, Device, RankAssignment, RankState, RankStatus};
 
 use crate::WorkerError;
@@ -31,7 +30,8 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// How a worker agent is set up.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Coordinator URL, e.g. `http://127.0.0.1:7800`.
+    /// Coordinator URL, e.g. `http://127.0.0.1:7800`, or a comma-separated list of them
+    /// (several coordinators, one leader: the agent finds the leader by itself).
     pub coordinator_url: String,
     /// Name the worker registers under.
     pub name: String,
@@ -95,7 +95,9 @@ const FINISHED_MEMORY: usize = 4096;
 /// State shared by the agent's tasks.
 pub(crate) struct Agent {
     config: WorkerConfig,
-    client: WorkerServiceClient<Channel>,
+    coordinators: coordinators::Coordinators,
+    /// The highest leader term seen on a command (the fencing token).
+    max_term: AtomicU64,
     worker_id: watch::Sender<String>,
     ranks: Mutex<HashMap<RankKey, RankEntry>>,
     finished: Mutex<Finished>,
@@ -126,20 +128,11 @@ pub async fn run_worker(
         return Err(WorkerError::InvalidConfig("no devices to advertise".into()));
     }
     std::fs::create_dir_all(config.work_dir.join("ranks"))?;
-    let endpoint = Endpoint::from_shared(config.coordinator_url.clone())
-        .map_err(|e| WorkerError::InvalidCoordinatorUrl {
-            url: config.coordinator_url.clone(),
-            reason: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    let client = WorkerServiceClient::new(endpoint.connect_lazy());
+    let coordinators = coordinators::Coordinators::new(&config.coordinator_url)?;
     let agent = Arc::new(Agent {
         config,
-        client,
+        coordinators,
+        max_term: AtomicU64::new(0),
         worker_id: watch::channel(String::new()).0,
         ranks: Mutex::new(HashMap::new()),
         finished: Mutex::new(Finished::default()),
@@ -162,23 +155,41 @@ pub async fn run_worker(
 }
 
 impl Agent {
-    pub(crate) fn client(&self) -> WorkerServiceClient<Channel> {
-        self.client.clone()
+    /// The coordinators (the current one, switching on failures).
+    pub(crate) fn coordinators(&self) -> &coordinators::Coordinators {
+        &self.coordinators
+    }
+
+    /// Fencing: false (and logged) for a command from a leader older than one already
+    /// seen; otherwise remembers its term.
+    fn fenced_ok(&self, term: u64, what: &str, job_id: &str, rank: u32) -> bool {
+        let seen = self.max_term.fetch_max(term, Ordering::SeqCst);
+        if term < seen {
+            tracing::warn!(
+                term,
+                highest_term = seen,
+                job_id,
+                rank,
+                "ignoring {what} from a deposed leader (stale term)"
+            );
+            return false;
+        }
+        true
     }
 
     pub(crate) fn worker_id(&self) -> String {
         self.worker_id.borrow().clone()
     }
 
-    /// Status of every rank whose process is starting or running.
+    /// Status of every rank the agent supervises: starting or running, or ended with its
+    /// exit not yet delivered to the coordinator (so that a new leader keeps its job).
     pub(crate) fn running(&self) -> Vec<RankStatus> {
         lock(&self.ranks)
             .iter()
             .filter_map(|(key, entry)| {
                 let state = entry.state.load(Ordering::SeqCst);
-                let live =
-                    state == RankState::Starting as i32 || state == RankState::Running as i32;
-                live.then(|| RankStatus {
+                let known = state != RankState::Unspecified as i32;
+                known.then(|| RankStatus {
                     job_id: key.job_id.clone(),
                     attempt: key.attempt,
                     rank: key.rank,
@@ -196,6 +207,9 @@ impl Agent {
             attempt: assignment.attempt,
             rank: assignment.rank,
         };
+        if !self.fenced_ok(assignment.leader_term, "assignment", &key.job_id, key.rank) {
+            return;
+        }
         if self.shutting_down.load(Ordering::SeqCst) {
             tracing::info!(rank = %key, "ignoring assignment: worker is shutting down");
             return;
@@ -259,6 +273,9 @@ impl Agent {
 
     /// Stops the ranks a `CancelRank` names (attempt 0 = any attempt).
     pub(crate) fn cancel(&self, cancel: &CancelRank) {
+        if !self.fenced_ok(cancel.leader_term, "cancel", &cancel.job_id, cancel.rank) {
+            return;
+        }
         let ranks = lock(&self.ranks);
         let mut found = false;
         for (k, entry) in ranks.iter() {

@@ -285,6 +285,7 @@ mod tests {
                 worker_id: "w".into(),
                 device_index: 0,
             }],
+            leader_term: 7,
         };
         let enc = encode_assignment(&a);
         assert!(enc.chars().all(|c| c.is_ascii_hexdigit()));

@@ -11,11 +11,14 @@ use crate::output::{job_json, job_state_name, print_structured};
 /// Runs `trainyard cancel`.
 pub async fn run(url: &str, args: CancelArgs) -> Result<i32> {
     let mut client = Client::connect(url).await?;
+    let request = CancelJobRequest {
+        id: args.id.clone(),
+        reason: args.reason,
+    };
     let resp = client
-        .jobs
-        .cancel_job(CancelJobRequest {
-            id: args.id.clone(),
-            reason: args.reason,
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.jobs.cancel_job(request).await }
         })
         .await
         .map_err(rpc)?

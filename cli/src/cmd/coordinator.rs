@@ -23,6 +23,15 @@ pub fn config(args: &CoordinatorArgs) -> Result<CoordinatorConfig> {
     if let Some(o) = &args.objects {
         config.objects_url = location_url(o)?;
     }
+    if let Some(a) = &args.advertise {
+        let a = a.trim().trim_start_matches("http://").trim_end_matches('/');
+        if a.is_empty() || !a.contains(':') {
+            return Err(bad_input(format!(
+                "--advertise {a:?}: expected host:port (the address others reach this coordinator at)"
+            )));
+        }
+        config.advertise = Some(a.to_string());
+    }
     if let Some(secs) = args.heartbeat_timeout {
         if !(secs.is_finite() && secs > 0.0) {
             return Err(bad_input(format!(

@@ -14,8 +14,14 @@ pub async fn run(url: &str, args: SubmitArgs) -> Result<i32> {
     let spec = crate::spec::build_spec(&args.spec)?;
     let mut client = Client::connect(url).await?;
     let job = client
-        .jobs
-        .submit_job(SubmitJobRequest { spec: Some(spec) })
+        .call(|mut c| {
+            let spec = spec.clone();
+            async move {
+                c.jobs
+                    .submit_job(SubmitJobRequest { spec: Some(spec) })
+                    .await
+            }
+        })
         .await
         .map_err(rpc)?
         .into_inner()

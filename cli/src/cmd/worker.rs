@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use trainyard_worker::{parse_devices, run_worker, WorkerConfig};
 
 use crate::args::WorkerArgs;
-use crate::client::normalize_url;
+use crate::client::split_urls;
 use crate::cluster::{absolute, rank_command, shutdown_signal};
 use crate::error::{bad_input, devices_error};
 
@@ -35,7 +35,7 @@ pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating work directory {}", work_dir.display()))?;
     let config = WorkerConfig {
-        coordinator_url: normalize_url(url),
+        coordinator_url: split_urls(url).join(","),
         name: name.clone(),
         devices,
         work_dir: absolute(&work_dir)?,

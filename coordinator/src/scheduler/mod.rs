@@ -22,18 +22,38 @@ use placement::{place, Assignment, QueuedJob};
 /// Default grace period of a cancelled rank, in seconds.
 const DEFAULT_GRACE_S: u32 = 10;
 
-/// Runs scheduling passes until `shutdown` turns true.
-pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+/// Runs scheduling passes until `shutdown` turns true — only while this coordinator leads.
+/// `leading` says whether the caller already reconciled as the leader. On winning an
+/// election it reconciles from the store ([`Coordinator::take_over`]); on losing one it
+/// stops at once and forgets its in-memory state ([`Coordinator::step_down`]).
+pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, mut leading: bool) {
     let tick = (coord.settings.heartbeat_timeout / 4)
         .clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut leadership = coord.leadership.clone();
+    let mut elector_gone = false;
     loop {
-        if let Err(e) = coord.pass().await {
-            tracing::error!(error = %e, "scheduling pass failed");
+        let now_leader = leadership.borrow_and_update().is_leader;
+        if now_leader && !leading {
+            match coord.take_over().await {
+                Ok(()) => leading = true,
+                Err(e) => {
+                    tracing::error!(error = %e, "reconciling from the store failed; retrying")
+                }
+            }
+        } else if !now_leader && leading {
+            coord.step_down().await;
+            leading = false;
+        }
+        if leading {
+            if let Err(e) = coord.pass().await {
+                tracing::error!(error = %e, "scheduling pass failed");
+            }
         }
         tokio::select! {
             _ = coord.wake.notified() => {}
             _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => {}
+            r = leadership.changed(), if !elector_gone => elector_gone = r.is_err(),
         }
         if *shutdown.borrow() {
             break;
@@ -170,6 +190,8 @@ impl Coordinator {
                     spec.grace_period_s
                 },
                 peers: job.placement.clone(),
+                // Stamped with the leader's term when sent down the stream.
+                leader_term: 0,
             }));
         }
     }

@@ -9,4 +9,6 @@ pub use jobs::JobApi;
 pub use workers::WorkerApi;
 
 #[cfg(test)]
+mod ha_tests;
+#[cfg(test)]
 mod tests;

@@ -1035,3 +1035,45 @@ async fn a_gang_is_placed_across_workers_and_succeeds_when_every_rank_has() {
     assert_eq!(done.state_reason, "all 2 rank(s) succeeded");
     c.handle.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rank_that_ended_during_a_restart_keeps_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = boot(dir.path()).await;
+    let mut w = FakeWorker::join(&c.url, "w", devices("cpu", 1), vec![]).await;
+    let job = submit(&mut c.jobs, spec(2)).await;
+    let asg = w.next_assignment().await;
+    assert!(
+        w.report(&job.id, 1, 0, vec![state(RankState::Running)])
+            .await
+    );
+    wait_for(&mut c.jobs, &job.id, JobState::Running).await;
+    drop(w);
+    c.handle.shutdown().await.unwrap();
+
+    // The rank finished while no coordinator listened: the worker lists it, ended, with
+    // its exit report still to deliver.
+    let mut c = boot(dir.path()).await;
+    let ended = vec![RankStatus {
+        job_id: job.id.clone(),
+        attempt: 1,
+        rank: 0,
+        state: RankState::Succeeded as i32,
+        device_index: asg.device_index,
+    }];
+    let mut w2 = FakeWorker::join(&c.url, "w", devices("cpu", 1), ended).await;
+    assert!(
+        w2.report(&job.id, 1, 0, vec![state(RankState::Succeeded)])
+            .await
+    );
+    let done = wait_for(&mut c.jobs, &job.id, JobState::Succeeded).await;
+    assert_eq!(done.restarts, 0);
+    // No stale-rank cancel was sent for it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), w2.commands.message())
+            .await
+            .is_err(),
+        "unexpected command"
+    );
+    c.handle.shutdown().await.unwrap();
+}

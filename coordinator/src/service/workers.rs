@@ -3,13 +3,13 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 use trainyard_proto::worker_service_server::WorkerService;
 use trainyard_proto::{
-    HeartbeatRequest, HeartbeatResponse, RankReport, RegisterWorkerRequest, RegisterWorkerResponse,
-    ReportRankResponse, StreamCommandsRequest, WorkerCommand,
+    worker_command, HeartbeatRequest, HeartbeatResponse, RankReport, RegisterWorkerRequest,
+    RegisterWorkerResponse, ReportRankResponse, StreamCommandsRequest, WorkerCommand,
 };
 
 use crate::coordinator::Coordinator;
@@ -56,7 +56,10 @@ impl WorkerService for WorkerApi {
             .coord
             .stream_commands(&request.into_inner().worker_id)
             .await?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        // The stream lives within one term: a leader that steps down drops its senders.
+        let term = self.coord.require_leader()?;
+        let stream = UnboundedReceiverStream::new(rx).map(move |m| m.map(|c| stamp(c, term)));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_rank(
@@ -66,4 +69,14 @@ impl WorkerService for WorkerApi {
         let accepted = self.coord.report_rank(request.into_inner()).await?;
         Ok(Response::new(ReportRankResponse { accepted }))
     }
+}
+
+/// Sets the fencing token of a command to the leader's term.
+fn stamp(mut command: WorkerCommand, term: u64) -> WorkerCommand {
+    match &mut command.command {
+        Some(worker_command::Command::Assign(a)) => a.leader_term = term,
+        Some(worker_command::Command::Cancel(c)) => c.leader_term = term,
+        None => {}
+    }
+    command
 }

@@ -107,14 +107,21 @@ pub(crate) async fn report_loop(
         }
         let batch = pending.batch();
         let n = batch.len();
+        let sent_as = agent.worker_id();
         let report = RankReport {
-            worker_id: agent.worker_id(),
+            worker_id: sent_as.clone(),
             job_id: key.job_id.clone(),
             attempt: key.attempt,
             rank: key.rank,
             events: batch,
         };
-        match tokio::time::timeout(CALL_TIMEOUT, agent.client().report_rank(report)).await {
+        let (generation, mut client) = agent.coordinators().current();
+        match tokio::time::timeout(CALL_TIMEOUT, client.report_rank(report)).await {
+            Ok(Ok(response)) if !response.get_ref().accepted && agent.worker_id() != sent_as => {
+                // The worker re-registered (a new leader) while this report was in flight:
+                // its refusal says nothing about the rank; send it again under the new id.
+                tracing::debug!(rank = %key, "report refused under the previous worker id; resending");
+            }
             Ok(Ok(response)) => {
                 pending.events.drain(..n);
                 backoff.reset();
@@ -130,6 +137,7 @@ pub(crate) async fn report_loop(
                 if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(rank = %key, error = %status, failures, "report failed; retrying");
                 }
+                agent.coordinators().on_error(generation, &status);
                 wait_and_absorb(&mut backoff, &mut rx, &mut pending, &mut closed).await;
             }
             Err(_) => {

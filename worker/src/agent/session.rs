@@ -63,8 +63,8 @@ async fn register(agent: &Arc<Agent>) -> Duration {
             running: agent.running(),
             pid: std::process::id(),
         };
-        let result =
-            tokio::time::timeout(CALL_TIMEOUT, agent.client().register_worker(request)).await;
+        let (generation, mut client) = agent.coordinators().current();
+        let result = tokio::time::timeout(CALL_TIMEOUT, client.register_worker(request)).await;
         match result {
             Ok(Ok(response)) => {
                 let r = response.into_inner();
@@ -81,8 +81,14 @@ async fn register(agent: &Arc<Agent>) -> Duration {
                 agent.worker_id.send_replace(r.worker_id);
                 return interval;
             }
-            Ok(Err(status)) => log_retry(&mut failures, "register", &status.to_string()),
-            Err(_) => log_retry(&mut failures, "register", "timed out"),
+            Ok(Err(status)) => {
+                log_retry(&mut failures, "register", &status.to_string());
+                agent.coordinators().on_error(generation, &status);
+            }
+            Err(_) => {
+                log_retry(&mut failures, "register", "timed out");
+                agent.coordinators().next(generation);
+            }
         }
         backoff.wait().await;
     }
@@ -109,7 +115,8 @@ async fn heartbeat_loop(agent: &Arc<Agent>, interval: Duration) {
             worker_id: agent.worker_id(),
             running: agent.running(),
         };
-        match tokio::time::timeout(CALL_TIMEOUT, agent.client().heartbeat(request)).await {
+        let (generation, mut client) = agent.coordinators().current();
+        match tokio::time::timeout(CALL_TIMEOUT, client.heartbeat(request)).await {
             Ok(Ok(response)) => {
                 failures = 0;
                 if !response.into_inner().known {
@@ -117,8 +124,14 @@ async fn heartbeat_loop(agent: &Arc<Agent>, interval: Duration) {
                 }
             }
             Ok(Err(status)) if is_unknown_worker(&status) => return,
-            Ok(Err(status)) => log_retry(&mut failures, "heartbeat", &status.to_string()),
-            Err(_) => log_retry(&mut failures, "heartbeat", "timed out"),
+            Ok(Err(status)) => {
+                log_retry(&mut failures, "heartbeat", &status.to_string());
+                agent.coordinators().on_error(generation, &status);
+            }
+            Err(_) => {
+                log_retry(&mut failures, "heartbeat", "timed out");
+                agent.coordinators().next(generation);
+            }
         }
     }
 }
@@ -140,7 +153,8 @@ async fn command_loop(agent: &Arc<Agent>) {
         let request = StreamCommandsRequest {
             worker_id: agent.worker_id(),
         };
-        match agent.client().stream_commands(request).await {
+        let (generation, mut client) = agent.coordinators().current();
+        match client.stream_commands(request).await {
             Ok(response) => {
                 tracing::debug!("command stream open");
                 let mut stream = response.into_inner();
@@ -162,17 +176,21 @@ async fn command_loop(agent: &Arc<Agent>) {
                         Err(status) if is_unknown_worker(&status) => return,
                         Err(status) => {
                             log_retry(&mut failures, "command stream", &status.to_string());
+                            agent.coordinators().on_error(generation, &status);
                             break;
                         }
                     }
                 }
             }
             Err(status) if is_unknown_worker(&status) => return,
-            Err(status) => log_retry(
-                &mut failures,
-                "opening the command stream",
-                &status.to_string(),
-            ),
+            Err(status) => {
+                log_retry(
+                    &mut failures,
+                    "opening the command stream",
+                    &status.to_string(),
+                );
+                agent.coordinators().on_error(generation, &status);
+            }
         }
         backoff.wait().await;
     }

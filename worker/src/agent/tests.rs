@@ -410,6 +410,7 @@ async fn cancel_kills_the_process_group() {
         attempt: 1,
         rank: 0,
         reason: "user asked".into(),
+        leader_term: 0,
     }))
     .await;
     let last = h.wait_final("sleep-1").await;
@@ -442,6 +443,7 @@ async fn sigkill_after_grace_period() {
         attempt: 1,
         rank: 0,
         reason: String::new(),
+        leader_term: 0,
     }))
     .await;
     let last = h.wait_final("stubborn-1").await;
@@ -815,11 +817,54 @@ async fn real_rank_stops_on_cancel() {
         attempt: 1,
         rank: 0,
         reason: "test cancel".into(),
+        leader_term: 0,
     }))
     .await;
     let last = h.wait_final("real-cancel").await;
     assert_eq!(last.state, RankState::Cancelled as i32, "{last:?}");
     // the job noticed should_stop() and exited by itself with 143, before SIGKILL
     assert_eq!(last.exit_code, 143, "{last:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_from_a_deposed_leader_are_ignored() {
+    let h = Harness::start().await;
+    // A leader of term 7 starts a rank.
+    h.send(worker_command::Command::Assign(RankAssignment {
+        leader_term: 7,
+        ..assignment("sleep-fenced-1", 30)
+    }))
+    .await;
+    let leader = h.read_pid("sleep-fenced-1", "leader.pid").await;
+    // A deposed leader (term 5) cannot cancel it, nor start another rank.
+    h.send(worker_command::Command::Cancel(CancelRank {
+        job_id: "sleep-fenced-1".into(),
+        attempt: 1,
+        rank: 0,
+        reason: "stale leader".into(),
+        leader_term: 5,
+    }))
+    .await;
+    h.send(worker_command::Command::Assign(RankAssignment {
+        leader_term: 5,
+        ..assignment("ok-fenced-2", 0)
+    }))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(leader), "a stale cancel stopped the rank");
+    assert!(h.states("ok-fenced-2").is_empty(), "a stale assignment ran");
+    // The current leader (same or newer term) can.
+    h.send(worker_command::Command::Cancel(CancelRank {
+        job_id: "sleep-fenced-1".into(),
+        attempt: 1,
+        rank: 0,
+        reason: "current leader".into(),
+        leader_term: 8,
+    }))
+    .await;
+    let last = h.wait_final("sleep-fenced-1").await;
+    assert_eq!(last.state, RankState::Cancelled as i32, "{last:?}");
+    wait_gone(leader).await;
     h.stop().await;
 }

@@ -1,0 +1,177 @@
+//! Two in-process coordinators over one etcd (needs `TRAINYARD_ETCD_ENDPOINTS`; skipped
+//! with a notice without it, failing in CI or with `TRAINYARD_REQUIRE_ETCD=1`): one leads,
+//! the other answers reads, refuses writes with a redirect, reports its WorkerService
+//! NOT_SERVING, and takes over when the leader resigns.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use trainyard_proto::job_service_client::JobServiceClient;
+use trainyard_proto::{GetJobRequest, JobSpec, ListJobsRequest, SubmitJobRequest};
+
+use crate::coordinator::LEADER_METADATA;
+use crate::{start, CoordinatorConfig, CoordinatorHandle};
+
+fn etcd() -> Option<String> {
+    match std::env::var("TRAINYARD_ETCD_ENDPOINTS") {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ => {
+            let required = std::env::var_os("CI").is_some()
+                || std::env::var("TRAINYARD_REQUIRE_ETCD").is_ok_and(|v| v == "1");
+            assert!(!required, "TRAINYARD_ETCD_ENDPOINTS is required here");
+            eprintln!("SKIPPED: TRAINYARD_ETCD_ENDPOINTS is not set");
+            None
+        }
+    }
+}
+
+async fn boot(dir: &std::path::Path, store_url: &str) -> CoordinatorHandle {
+    let mut c = CoordinatorConfig::with_data_dir(dir);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.store_url = store_url.to_string();
+    c.heartbeat_interval = Duration::from_millis(100);
+    c.heartbeat_timeout = Duration::from_millis(1000);
+    start(c).await.expect("coordinator starts")
+}
+
+async fn worker_service_status(addr: std::net::SocketAddr) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    h.check(HealthCheckRequest {
+        service: "trainyard.v1.WorkerService".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+}
+
+async fn wait_serving(addr: std::net::SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    while worker_service_status(addr).await != ServingStatus::Serving as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} did not become the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        job: "neural-ode".into(),
+        preset: "quick".into(),
+        ranks: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
+    let Some(endpoints) = etcd() else { return };
+    let hosts = endpoints.trim().trim_start_matches("http://");
+    let prefix = format!(
+        "/ty-unit-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let store_url = format!("etcd://{hosts}{prefix}");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = boot(&tmp.path().join("a"), &store_url).await;
+    wait_serving(a.local_addr(), Duration::from_secs(10)).await;
+    let b = boot(&tmp.path().join("b"), &store_url).await;
+    let (a_addr, b_addr) = (a.local_addr(), b.local_addr());
+    // b follows a.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        worker_service_status(b_addr).await,
+        ServingStatus::NotServing as i32
+    );
+
+    let mut leader = JobServiceClient::connect(format!("http://{a_addr}"))
+        .await
+        .unwrap();
+    let mut follower = JobServiceClient::connect(format!("http://{b_addr}"))
+        .await
+        .unwrap();
+    let job = leader
+        .submit_job(SubmitJobRequest { spec: Some(spec()) })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+
+    // Writes to the follower: Unavailable, naming the leader.
+    let err = follower
+        .submit_job(SubmitJobRequest { spec: Some(spec()) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("not the leader; leader is {a_addr}")),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.metadata()
+            .get(LEADER_METADATA)
+            .and_then(|v| v.to_str().ok()),
+        Some(a_addr.to_string().as_str())
+    );
+    // Reads from the follower come from the store.
+    let got = follower
+        .get_job(GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, job.id);
+    let listed = follower
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.iter().any(|j| j.id == job.id));
+
+    // The leader resigns (graceful shutdown): the follower leads at once and has the job.
+    let handover = Instant::now();
+    a.shutdown().await.unwrap();
+    wait_serving(b_addr, Duration::from_secs(5)).await;
+    eprintln!("handover after resign: {:?}", handover.elapsed());
+    let mut writes = Ok(());
+    for _ in 0..50 {
+        writes = follower
+            .submit_job(SubmitJobRequest { spec: Some(spec()) })
+            .await
+            .map(|_| ());
+        if writes.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writes.expect("the new leader accepts writes");
+    let got = follower
+        .get_job(GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, job.id);
+    b.shutdown().await.unwrap();
+    // Leave the shared etcd clean.
+    let mut etcd = etcd_client::Client::connect([endpoints.trim()], None)
+        .await
+        .unwrap();
+    etcd.delete(
+        format!("{prefix}/"),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+}
