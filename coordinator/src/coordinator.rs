@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,9 @@ pub struct Coordinator {
     closing: AtomicBool,
     /// Set once the leader has reconciled from the store; until then it refuses writes.
     ready: AtomicBool,
+    /// The term whose store fence refused a write (0: none): this coordinator does not
+    /// lead in it again, even while its elector has not noticed yet.
+    fenced_out: AtomicU64,
 }
 
 /// Writes a tracked job with compare-and-set at the revision it was read at.
@@ -177,6 +180,7 @@ impl Coordinator {
             last_id_ms: AtomicI64::new(0),
             closing: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            fenced_out: AtomicU64::new(0),
         }
     }
 
@@ -201,8 +205,44 @@ impl Coordinator {
         self.leadership.borrow().is_leader && self.ready.load(Ordering::SeqCst)
     }
 
+    /// Whether this coordinator reconciled as the leader and was not fenced out since.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The term a store fence refused (see [`Coordinator::note_store_error`]); 0 if none.
+    pub fn fenced_out_term(&self) -> u64 {
+        self.fenced_out.load(Ordering::SeqCst)
+    }
+
+    /// Reacts to a store error: [`StoreError::NotLeader`] means another coordinator leads
+    /// now, so this one stops writing at once and wakes the scheduler loop to step down.
+    pub fn note_store_error(&self, e: &StoreError) {
+        if let StoreError::NotLeader { term, .. } = e {
+            tracing::warn!(term, "a fenced store write was refused: stepping down");
+            self.fenced_out
+                .store((*term).max(0) as u64, Ordering::SeqCst);
+            self.ready.store(false, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+    }
+
+    /// [`Coordinator::note_store_error`] on an operation's result.
+    fn fenced<T>(&self, r: Result<T, OpError>) -> Result<T, OpError> {
+        match r {
+            Err(OpError::Store(e @ StoreError::NotLeader { .. })) => {
+                self.note_store_error(&e);
+                let leader = self.leadership.borrow().leader_addr.clone();
+                Err(OpError::NotLeader(leader))
+            }
+            other => other,
+        }
+    }
+
     /// Forgets the in-memory state after losing leadership: worker command streams end
-    /// (their senders drop), so the workers go and find the new leader.
+    /// (their senders drop), so the workers go and find the new leader. The store keeps
+    /// the fence of the term that ended, so any write still in flight from this
+    /// coordinator fails instead of landing unfenced.
     pub async fn step_down(&self) {
         self.ready.store(false, Ordering::SeqCst);
         let mut st = self.state.lock().await;
@@ -212,8 +252,15 @@ impl Coordinator {
 
     /// Takes over after winning an election: forgets whatever was in memory and reconciles
     /// from the store (the restart-recovery path).
+    ///
+    /// Before anything is written, the store is fenced on this leadership's election key
+    /// and term ([`crate::store::StateStore::set_fence`]).
     pub async fn take_over(&self) -> Result<(), StoreError> {
         self.ready.store(false, Ordering::SeqCst);
+        let fence = self.leadership.borrow().fence();
+        if let Some(fence) = fence {
+            self.store.set_fence(Some(fence));
+        }
         {
             let mut st = self.state.lock().await;
             *st = State::default();
@@ -286,14 +333,26 @@ impl Coordinator {
 
     /// Validates and stores a new PENDING job.
     pub async fn submit(&self, spec: Option<trainyard_proto::JobSpec>) -> Result<Job, OpError> {
+        let r = self.submit_unfenced(spec).await;
+        self.fenced(r)
+    }
+
+    async fn submit_unfenced(
+        &self,
+        spec: Option<trainyard_proto::JobSpec>,
+    ) -> Result<Job, OpError> {
         self.require_leader()?;
         let valid =
             validate_spec(trainyard_jobs::registry(), spec).map_err(OpError::InvalidArgument)?;
-        let mut st = self.state.lock().await;
-        if !st.workers.is_empty() {
-            crate::scheduler::placement::fits_ever(&valid.spec, &st.cluster_view())
-                .map_err(OpError::FailedPrecondition)?;
+        {
+            let st = self.state.lock().await;
+            if !st.workers.is_empty() {
+                crate::scheduler::placement::fits_ever(&valid.spec, &st.cluster_view())
+                    .map_err(OpError::FailedPrecondition)?;
+            }
         }
+        // The store write runs without the state lock, so concurrent submissions reach the
+        // store together (and are group-committed or pipelined to etcd).
         let mut tries = 0;
         let stored = loop {
             let (id, now) = self.new_job_id();
@@ -319,9 +378,11 @@ impl Coordinator {
             }
         };
         tracing::info!(job = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, "job submitted");
-        st.jobs
+        self.state
+            .lock()
+            .await
+            .jobs
             .insert(stored.id.clone(), JobEntry::new(stored.clone()));
-        drop(st);
         self.wake.notify_one();
         Ok(stored)
     }
@@ -396,6 +457,11 @@ impl Coordinator {
     /// Cancels a job: at once if PENDING; SCHEDULED/RUNNING ranks get CancelRank (their
     /// devices stay reserved until the worker reports them gone or dies).
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<Job, OpError> {
+        let r = self.cancel_unfenced(id, reason).await;
+        self.fenced(r)
+    }
+
+    async fn cancel_unfenced(&self, id: &str, reason: &str) -> Result<Job, OpError> {
         self.require_leader()?;
         let mut guard = self.state.lock().await;
         self.ensure_tracked(&mut guard, id).await?;
@@ -655,6 +721,11 @@ impl Coordinator {
     /// Applies a batch of rank events. Returns false if the report is for a stale attempt
     /// (the rank must stop); terminal rank states still free their device.
     pub async fn report_rank(&self, req: RankReport) -> Result<bool, OpError> {
+        let r = self.report_rank_unfenced(req).await;
+        self.fenced(r)
+    }
+
+    async fn report_rank_unfenced(&self, req: RankReport) -> Result<bool, OpError> {
         self.require_leader()?;
         let mut guard = self.state.lock().await;
         let tracked = match self.ensure_tracked(&mut guard, &req.job_id).await {

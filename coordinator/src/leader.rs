@@ -9,7 +9,13 @@
 //! only grows, so it serves as a fencing token on every command sent to workers.
 //!
 //! A leader that cannot renew its lease for longer than the TTL (minus a margin) steps
-//! down on its own, before etcd could have elected another one.
+//! down on its own, before etcd could have elected another one; so does a leader whose
+//! election key is no longer the leading one (checked every 500 ms).
+//!
+//! While it leads, [`Leadership::key`] and [`Leadership::term`] make the store fence
+//! ([`Leadership::fence`], [`crate::store::StateStore::set_fence`]): every job write is a
+//! transaction that also compares the election key's create revision with the term, so a
+//! deposed leader that has not noticed yet cannot write a job record.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -38,6 +44,26 @@ pub struct Leadership {
     pub leader_addr: Option<String>,
     /// The fencing token of the current leader's term (0 when unknown).
     pub term: u64,
+    /// This coordinator's election key while it leads (`None` otherwise, and with the
+    /// embedded store): with [`Leadership::term`] it is the store fence
+    /// ([`crate::store::Fence`]) that makes a deposed leader's writes fail.
+    pub key: Option<Vec<u8>>,
+    /// Whether the store answered the elector lately. False while etcd is unreachable (the
+    /// coordinator reports NOT_SERVING then); always true with the embedded store.
+    pub store_reachable: bool,
+}
+
+impl Leadership {
+    /// The store fence of this leadership: `Some` only while leading under an election key.
+    pub fn fence(&self) -> Option<crate::store::Fence> {
+        match (&self.key, self.is_leader) {
+            (Some(key), true) => Some(crate::store::Fence {
+                key: key.clone(),
+                create_revision: self.term as i64,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Why the elector could not start.
@@ -55,6 +81,8 @@ pub fn single_node(addr: &str) -> watch::Receiver<Leadership> {
         is_leader: true,
         leader_addr: Some(addr.to_string()),
         term: 1,
+        key: None,
+        store_reachable: true,
     })
     .1
 }
@@ -117,6 +145,13 @@ async fn run(
         match term_once(&mut client, &name, &addr, &tx, &mut stop).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
+                tx.send_if_modified(|l| {
+                    let was = l.store_reachable || l.is_leader;
+                    l.store_reachable = false;
+                    l.is_leader = false;
+                    l.key = None;
+                    was
+                });
                 tracing::warn!(error = %e, "leader election failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -128,6 +163,7 @@ async fn run(
         tx.send_if_modified(|l| {
             let was = l.is_leader;
             l.is_leader = false;
+            l.key = None;
             was
         });
     }
@@ -154,6 +190,11 @@ async fn term_once(
 ) -> Result<(), etcd_client::Error> {
     let lease = call(client.lease_grant(LEASE_TTL_S, None)).await?.id();
     let (mut keeper, mut acks) = call(client.lease_keep_alive(lease)).await?;
+    tx.send_if_modified(|l| {
+        let was = l.store_reachable;
+        l.store_reachable = true;
+        !was
+    });
     // etcd renews the lease when it receives a keep-alive: an answer proves the lease
     // lives until (send time + TTL), so measure from the send, not from the answer.
     let mut renewed = Instant::now();
@@ -184,11 +225,13 @@ async fn term_once(
                 }
             }
             _ = observe.tick() => {
-                let leader = call(client.leader(name)).await.ok().and_then(|r| {
+                let answer = call(client.leader(name)).await;
+                let reachable = answer.is_ok();
+                let leader = answer.ok().and_then(|r| {
                     r.kv().map(|kv| (kv.value_str().unwrap_or_default().to_string(), kv.create_revision() as u64))
                 });
                 tx.send_if_modified(|l| {
-                    let new = Leadership { is_leader: false, leader_addr: leader.as_ref().map(|x| x.0.clone()), term: leader.as_ref().map_or(l.term, |x| x.1) };
+                    let new = Leadership { is_leader: false, leader_addr: leader.as_ref().map(|x| x.0.clone()), term: leader.as_ref().map_or(l.term, |x| x.1), key: None, store_reachable: reachable };
                     let changed = *l != new;
                     *l = new;
                     changed
@@ -211,6 +254,8 @@ async fn term_once(
         is_leader: true,
         leader_addr: Some(addr.to_string()),
         term,
+        key: Some(key.key().to_vec()),
+        store_reachable: true,
     });
     // Lead: renew the lease; step down as soon as it cannot be renewed in time.
     let outcome = loop {
@@ -228,6 +273,17 @@ async fn term_once(
                     Err(e) => break Err(e),
                 }
             }
+            _ = observe.tick() => {
+                // The election key must still be ours: if it was deleted or replaced behind
+                // our back, another coordinator may lead (and our store fence fails).
+                if let Ok(r) = call(client.leader(name)).await {
+                    if r.kv().map(|kv| kv.create_revision()) != Some(term as i64) {
+                        break Err(etcd_client::Error::Internal(
+                            "the election key is no longer this coordinator's".into(),
+                        ));
+                    }
+                }
+            }
             _ = stop.changed() => break Ok(()),
         }
         if renewed.elapsed() > STEP_DOWN_AFTER {
@@ -236,7 +292,12 @@ async fn term_once(
             ));
         }
     };
-    tx.send_modify(|l| l.is_leader = false);
+    tx.send_modify(|l| {
+        l.is_leader = false;
+        l.key = None;
+        // Losing the lease means etcd did not answer in time.
+        l.store_reachable = outcome.is_ok();
+    });
     match &outcome {
         Ok(()) => tracing::info!(term, "resigning leadership"),
         Err(e) => tracing::warn!(term, error = %e, "lost leadership"),

@@ -33,7 +33,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use trainyard_proto::cluster_service_server::ClusterServiceServer;
 use trainyard_proto::job_service_server::JobServiceServer;
 use trainyard_proto::worker_service_server::WorkerServiceServer;
@@ -241,8 +240,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<JobServiceServer<JobApi>>().await;
-    set_worker_service_health(&health, leading).await;
+    set_service_health(&health, &leadership.borrow().clone()).await;
     tokio::spawn(follow_health(health.clone(), leadership));
     health
         .set_serving::<ClusterServiceServer<ClusterApi>>()
@@ -286,7 +284,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             coord.close_streams().await;
         };
         server
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to
+                // every unary call.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            )
             .await
     });
     tracing::info!(addr = %local_addr, store = %store::redact_url(&config.store_url), "coordinator listening");
@@ -299,10 +302,19 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
     })
 }
 
-/// WorkerService is SERVING only on the leader, so probes and load balancers route workers
-/// there.
-async fn set_worker_service_health(health: &tonic_health::server::HealthReporter, leading: bool) {
-    if leading {
+/// JobService is SERVING while the store answers (followers serve reads); WorkerService
+/// only on the leader while the store answers, so probes and load balancers route workers
+/// there. While etcd is unreachable both are NOT_SERVING.
+async fn set_service_health(
+    health: &tonic_health::server::HealthReporter,
+    leadership: &leader::Leadership,
+) {
+    if leadership.store_reachable {
+        health.set_serving::<JobServiceServer<JobApi>>().await;
+    } else {
+        health.set_not_serving::<JobServiceServer<JobApi>>().await;
+    }
+    if leadership.is_leader && leadership.store_reachable {
         health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     } else {
         health
@@ -311,15 +323,25 @@ async fn set_worker_service_health(health: &tonic_health::server::HealthReporter
     }
 }
 
-/// Reports the WorkerService SERVING only while this coordinator leads, so probes and load
-/// balancers route workers to the leader ("" stays SERVING on every coordinator).
+/// Keeps the JobService and WorkerService health in step with the leadership watch
+/// ("" and ClusterService stay SERVING on every coordinator).
 async fn follow_health(
     health: tonic_health::server::HealthReporter,
     mut leadership: watch::Receiver<leader::Leadership>,
 ) {
+    let mut last: Option<(bool, bool)> = None;
     loop {
-        let leading = leadership.borrow_and_update().is_leader;
-        set_worker_service_health(&health, leading).await;
+        let l = leadership.borrow_and_update().clone();
+        let now = (l.is_leader, l.store_reachable);
+        if last != Some(now) {
+            if !l.store_reachable {
+                tracing::warn!("the state store is unreachable: reporting NOT_SERVING");
+            } else if last.is_some_and(|(_, reachable)| !reachable) {
+                tracing::info!("the state store answers again: reporting SERVING");
+            }
+            set_service_health(&health, &l).await;
+            last = Some(now);
+        }
         if leadership.changed().await.is_err() {
             break;
         }

@@ -258,3 +258,125 @@ impl Drop for HaCluster {
         }
     }
 }
+
+/// A private single-member etcd started by one test (free ports, its own temporary data
+/// directory), so that the test can stop and restart it without touching the shared one.
+/// Killed on drop.
+pub struct EtcdMember {
+    /// Data directory and log (kept across restarts).
+    pub dir: tempfile::TempDir,
+    /// Client endpoint, `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    peer_port: u16,
+    child: Option<std::process::Child>,
+    starts: usize,
+}
+
+impl EtcdMember {
+    /// Starts a member (the `etcd` binary on the PATH) and waits until it answers.
+    pub fn start() -> EtcdMember {
+        let dir = tempfile::Builder::new()
+            .prefix("trainyard-etcd-")
+            .tempdir()
+            .expect("tempdir");
+        let mut m = EtcdMember {
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer_port: free_port(),
+            dir,
+            child: None,
+            starts: 0,
+        };
+        m.start_again();
+        m
+    }
+
+    /// (Re)starts the member on the same ports and data directory; waits until healthy.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd is already running");
+        self.starts += 1;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("etcd log file");
+        let child = std::process::Command::new("etcd")
+            .args([
+                "--name",
+                "trainyard-e2e",
+                "--data-dir",
+                &self.dir.path().join("data").display().to_string(),
+                "--listen-client-urls",
+                &self.endpoint,
+                "--advertise-client-urls",
+                &self.endpoint,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("trainyard-e2e={peer}"),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("etcd log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("spawning etcd (is it installed? scripts/etcd.sh up installs it): {e}")
+            });
+        self.child = Some(child);
+        poll(
+            "the private etcd member to be healthy",
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || self.healthy().then_some(()),
+        );
+    }
+
+    /// True when `etcdctl endpoint health` succeeds.
+    pub fn healthy(&self) -> bool {
+        std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.endpoint,
+                "--dial-timeout=1s",
+                "--command-timeout=2s",
+                "endpoint",
+                "health",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// SIGKILLs the member (its data directory stays) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "===== private etcd (last 30 lines) =====\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+        self.kill9();
+    }
+}

@@ -279,6 +279,8 @@ pub struct ClusterOptions {
     pub workers: usize,
     /// `--devices` of each worker.
     pub devices: String,
+    /// `--store` of the coordinator (`None`: the embedded store in its data directory).
+    pub store: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -286,6 +288,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             workers: 2,
             devices: "cpu:1".into(),
+            store: None,
         }
     }
 }
@@ -303,6 +306,10 @@ pub struct Cluster {
     /// Worker processes, by index; their names are `w0`, `w1`, ...
     pub workers: Vec<Proc>,
     devices: String,
+    /// The coordinator's command line (a restart reuses it: same port, data dir, store).
+    coordinator_args: Vec<String>,
+    /// How many times the coordinator was restarted (names its log files).
+    restarts: usize,
 }
 
 impl Cluster {
@@ -323,10 +330,13 @@ impl Cluster {
             .expect("tempdir");
         let data = dir.path().join("coordinator");
         let objects = dir.path().join("objects");
-        let args: Vec<String> = vec![
+        // A fixed port (not port 0), so that a restarted coordinator comes back on the
+        // address its workers and clients know.
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec![
             "coordinator".into(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen,
             "--data-dir".into(),
             data.display().to_string(),
             "--objects".into(),
@@ -334,6 +344,9 @@ impl Cluster {
             "--heartbeat-timeout".into(),
             HEARTBEAT_TIMEOUT_S.into(),
         ];
+        if let Some(store) = &opts.store {
+            args.extend(["--store".to_string(), store.clone()]);
+        }
         let log_path = dir.path().join("coordinator.log");
         let mut coordinator = Proc::spawn("coordinator", &args, &log_path, true);
         let addr = read_listen_addr(&mut coordinator, Duration::from_secs(60));
@@ -343,6 +356,8 @@ impl Cluster {
             coordinator,
             workers: Vec::new(),
             devices: opts.devices.clone(),
+            coordinator_args: args,
+            restarts: 0,
             dir,
         };
         for _ in 0..opts.workers {
@@ -350,6 +365,47 @@ impl Cluster {
         }
         cluster.wait_for_workers(opts.workers);
         cluster
+    }
+
+    /// Starts the coordinator again with the same command line (same address, data
+    /// directory and store) after it was stopped, e.g. with [`Proc::kill9`]; waits until it
+    /// listens. Its log goes to `coordinator-restart<n>.log`. Panics if it still runs.
+    pub fn restart_coordinator(&mut self) {
+        assert!(
+            !self.coordinator.is_running(),
+            "restart_coordinator: the coordinator still runs; stop it first"
+        );
+        self.restarts += 1;
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("coordinator-restart{}.log", self.restarts));
+        let name = format!("coordinator (restart {})", self.restarts);
+        // The old listening socket may linger for a moment after SIGKILL: retry the bind.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut p = Proc::spawn(&name, &self.coordinator_args, &log_path, true);
+            let got = read_listen_addr_or_exit(&mut p, Duration::from_secs(60));
+            match got {
+                Some(addr) => {
+                    assert_eq!(addr, self.addr, "the restarted coordinator moved");
+                    self.coordinator = p;
+                    return;
+                }
+                None if Instant::now() < deadline => {
+                    eprintln!(
+                        "restart_coordinator: the coordinator exited before listening; retrying:\n{}",
+                        p.log_tail(20)
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                None => panic!(
+                    "the restarted coordinator did not listen on {}; its log:\n{}",
+                    self.addr,
+                    p.log_tail(80)
+                ),
+            }
+        }
     }
 
     /// Starts one more worker (named `w<index>`); does not wait for it to register.
@@ -541,6 +597,17 @@ pub(crate) fn wait_for_alive_workers(n: usize, cli: impl Fn(&[&str]) -> Output) 
 }
 
 pub(crate) fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr {
+    read_listen_addr_or_exit(proc, timeout).unwrap_or_else(|| {
+        panic!(
+            "the coordinator exited without printing its address; its log:\n{}",
+            proc.log_tail(80)
+        )
+    })
+}
+
+/// Like [`read_listen_addr`], but `None` when the process closes its stdout (exits)
+/// before printing an address. Panics after `timeout`.
+pub(crate) fn read_listen_addr_or_exit(proc: &mut Proc, timeout: Duration) -> Option<SocketAddr> {
     let stdout = proc
         .child
         .as_mut()
@@ -565,8 +632,9 @@ pub(crate) fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr
         }
     });
     match rx.recv_timeout(timeout) {
-        Ok(addr) => addr,
-        Err(_) => panic!(
+        Ok(addr) => Some(addr),
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
             "the coordinator did not print its address within {timeout:?}; its log:\n{}",
             proc.log_tail(80)
         ),

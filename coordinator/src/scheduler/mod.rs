@@ -1,7 +1,13 @@
-//! The scheduler loop: woken on submit, worker changes and rank reports (and on a short
-//! tick), it expires dead workers, requeues their jobs, runs the pure [`placement::place`]
-//! over the queue, commits placements (SCHEDULED, compare-and-set) and pushes the
-//! assignments down the workers' command streams.
+//! The scheduler loop: woken on submit, worker changes, rank reports and every change the
+//! store's job watch ([`crate::store::StateStore::watch_jobs`]) reports, it expires dead
+//! workers, requeues their jobs, runs the pure [`placement::place`] over the queue, commits
+//! placements (SCHEDULED, compare-and-set) and pushes the assignments down the workers'
+//! command streams.
+//!
+//! Nothing is polled for placement: a full pass runs on a wake-up, and on a slow safety
+//! tick ([`SAFETY_TICK`]) only in case a wake-up was missed. Between them a short
+//! housekeeping tick expires workers past their heartbeat deadline, requeues orphans and
+//! flushes metrics; it wakes a full pass when it changed anything.
 
 pub mod placement;
 
@@ -9,6 +15,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::sync::watch;
 use trainyard_proto::{
     worker_command, JobState, RankAssignment, RankPlacement, RankState, WorkerState,
@@ -21,6 +28,50 @@ use placement::{place, Assignment, QueuedJob};
 
 /// Default grace period of a cancelled rank, in seconds.
 const DEFAULT_GRACE_S: u32 = 10;
+/// A full scheduling pass runs at least this often, even without a wake-up.
+pub const SAFETY_TICK: Duration = Duration::from_secs(5);
+/// Longest wait before the job watch is opened again after it failed.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Wakes the scheduler on every job change the store reports (writes of this coordinator
+/// and of any other), reopening the watch with backoff when it fails (etcd down,
+/// compaction, lag). Ends when `shutdown` turns true.
+async fn wake_on_job_changes(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    while !*shutdown.borrow() {
+        let opened = async {
+            let from = coord.store.current_revision().await? + 1;
+            coord.store.watch_jobs(from).await
+        };
+        let failure = tokio::select! {
+            r = opened => match r {
+                Ok(mut changes) => {
+                    // Changes made while the watch was down are picked up by this pass.
+                    coord.wake.notify_one();
+                    backoff = Duration::from_millis(200);
+                    loop {
+                        tokio::select! {
+                            item = changes.next() => match item {
+                                Some(Ok(_)) => coord.wake.notify_one(),
+                                Some(Err(e)) => break e.to_string(),
+                                None => break "the job watch ended".to_string(),
+                            },
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            },
+            _ = shutdown.changed() => return,
+        };
+        tracing::debug!(error = %failure, "job watch failed; reopening in {backoff:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+    }
+}
 
 /// Runs scheduling passes until `shutdown` turns true — only while this coordinator leads.
 /// `leading` says whether the caller already reconciled as the leader. On winning an
@@ -31,34 +82,61 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, m
         .clamp(Duration::from_millis(50), Duration::from_millis(500));
     let mut leadership = coord.leadership.clone();
     let mut elector_gone = false;
+    let mut term = leadership.borrow().term;
+    let mut full_pass = true;
+    let mut housekeeping = tokio::time::interval(tick);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut safety = tokio::time::interval(SAFETY_TICK);
+    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watcher = tokio::spawn(wake_on_job_changes(coord.clone(), shutdown.clone()));
     loop {
-        let now_leader = leadership.borrow_and_update().is_leader;
+        let (now_leader, now_term) = {
+            let l = leadership.borrow_and_update();
+            // A term whose fence refused a write is over, whatever the elector says yet.
+            let fenced_out = l.term != 0 && l.term == coord.fenced_out_term();
+            (l.is_leader && !fenced_out, l.term)
+        };
+        if leading && (!now_leader || now_term != term || !coord.is_ready()) {
+            coord.step_down().await;
+            leading = false;
+        }
         if now_leader && !leading {
             match coord.take_over().await {
-                Ok(()) => leading = true,
+                Ok(()) => {
+                    leading = true;
+                    term = now_term;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "reconciling from the store failed; retrying")
                 }
             }
-        } else if !now_leader && leading {
-            coord.step_down().await;
-            leading = false;
         }
         if leading {
-            if let Err(e) = coord.pass().await {
+            let done = if full_pass {
+                coord.pass().await
+            } else {
+                coord.housekeep().await
+            };
+            if let Err(e) = done {
+                coord.note_store_error(&e);
                 tracing::error!(error = %e, "scheduling pass failed");
             }
         }
-        tokio::select! {
-            _ = coord.wake.notified() => {}
-            _ = tokio::time::sleep(tick) => {}
-            _ = shutdown.changed() => {}
-            r = leadership.changed(), if !elector_gone => elector_gone = r.is_err(),
-        }
+        full_pass = tokio::select! {
+            _ = coord.wake.notified() => true,
+            _ = housekeeping.tick() => false,
+            _ = safety.tick() => true,
+            _ = shutdown.changed() => true,
+            r = leadership.changed(), if !elector_gone => {
+                elector_gone = r.is_err();
+                true
+            }
+        };
         if *shutdown.borrow() {
             break;
         }
     }
+    watcher.abort();
     tracing::debug!("scheduler stopped");
 }
 
@@ -85,12 +163,30 @@ fn describe_placement(a: &Assignment) -> String {
 }
 
 impl Coordinator {
+    /// Housekeeping between passes: expires workers past their deadline, requeues orphans
+    /// after a restart's grace period and flushes due metrics. Whatever it requeues wakes a
+    /// full [`Coordinator::pass`].
+    pub async fn housekeep(&self) -> Result<(), StoreError> {
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
+        self.expire_workers(st).await?;
+        if self.requeue_orphans(st).await? {
+            self.wake.notify_one();
+        }
+        for entry in st.jobs.values_mut() {
+            if entry.dirty && entry.last_flush.elapsed() >= METRIC_FLUSH {
+                save(self.store.as_ref(), entry).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// One scheduling pass (see the module docs).
     pub async fn pass(&self) -> Result<(), StoreError> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
         self.expire_workers(st).await?;
-        self.requeue_orphans(st).await?;
+        let _ = self.requeue_orphans(st).await?;
         let queue: Vec<QueuedJob> = st
             .jobs
             .values()
@@ -239,10 +335,11 @@ impl Coordinator {
     }
 
     /// After a restart's grace period, requeues jobs whose ranks did not all come back.
-    async fn requeue_orphans(&self, st: &mut State) -> Result<(), StoreError> {
+    /// Returns whether it looked at the orphans (the deadline passed).
+    async fn requeue_orphans(&self, st: &mut State) -> Result<bool, StoreError> {
         match st.orphan_deadline {
             Some(deadline) if Instant::now() >= deadline => st.orphan_deadline = None,
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
         let reason = "coordinator restarted and the job's ranks did not all come back";
         let ids: Vec<String> = st
@@ -266,6 +363,6 @@ impl Coordinator {
             save(self.store.as_ref(), je).await?;
             cancel_ranks(&st.workers, &before, reason, None);
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -175,3 +175,73 @@ async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
     .await
     .unwrap();
 }
+
+/// A leader partitioned away from etcd while another one is elected: its store fence (set
+/// when it took over) refuses its writes with a typed error, nothing is written, and it
+/// stops leading in that term at once — before its own elector notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_write_and_steps_down() {
+    use crate::coordinator::{Coordinator, OpError, Settings};
+    use crate::leader::Leadership;
+    use crate::store::{EtcdStore, JobQuery, StateStore};
+
+    let Some(endpoints) = etcd() else { return };
+    let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).collect();
+    let mut config = crate::store::etcd::EtcdConfig::new(endpoints);
+    config.prefix = format!("/ty-unit-fence-{}", uuid::Uuid::new_v4().simple());
+    config.startup_retry = Some(Duration::from_secs(10));
+    let store = EtcdStore::connect(config.clone()).await.unwrap();
+    let election_key = format!("{}leader/partitioned", store.root());
+    let mut kv = store.client().kv_client();
+    kv.put(election_key.as_str(), "old-leader", None)
+        .await
+        .unwrap();
+    let term = kv.get(election_key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+    // The old leader's view: it leads in `term` (its elector has not noticed anything).
+    let (_tx, leadership) = tokio::sync::watch::channel(Leadership {
+        is_leader: true,
+        leader_addr: Some("127.0.0.1:1".into()),
+        term: term as u64,
+        key: Some(election_key.clone().into_bytes()),
+        store_reachable: true,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::new(
+        std::sync::Arc::new(store.clone()),
+        Settings {
+            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_millis(1000),
+            objects_url: format!("file://{}", tmp.path().display()),
+        },
+    )
+    .with_leadership(leadership);
+    coord.take_over().await.unwrap();
+    let kept = coord
+        .submit(Some(spec()))
+        .await
+        .expect("the leader submits");
+
+    // Another coordinator wins the election: the old key is gone, a new one leads.
+    kv.delete(election_key.as_str(), None).await.unwrap();
+    kv.put(election_key.as_str(), "new-leader", None)
+        .await
+        .unwrap();
+    let err = coord.submit(Some(spec())).await.unwrap_err();
+    assert!(matches!(err, OpError::NotLeader(_)), "{err:?}");
+    assert!(!coord.is_leader(), "a fenced-out leader stops leading");
+    assert_eq!(coord.fenced_out_term(), term as u64);
+    assert!(matches!(
+        coord.cancel(&kept.id, "").await,
+        Err(OpError::NotLeader(_))
+    ));
+    let jobs = store.list_jobs(&JobQuery::default()).await.unwrap().jobs;
+    assert_eq!(jobs.len(), 1, "only the job submitted while leading exists");
+    assert_eq!(jobs[0].id, kept.id);
+    assert_eq!(jobs[0].state(), trainyard_proto::JobState::Pending);
+    kv.delete(
+        format!("{}/", config.prefix),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+}

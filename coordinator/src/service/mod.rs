@@ -11,4 +11,6 @@ pub use workers::WorkerApi;
 #[cfg(test)]
 mod ha_tests;
 #[cfg(test)]
+mod outage_tests;
+#[cfg(test)]
 mod tests;

@@ -77,6 +77,49 @@ pub async fn cas_conflict<S: StateStore>(s: &S) {
     assert_eq!(missing, Err(StoreError::NotFound("job-none".into())));
 }
 
+/// Many tasks create jobs at once, several with the same id: every distinct id is created
+/// exactly once, the others get `AlreadyExists`, and every stored job has its own revision.
+pub async fn concurrent_creates_exactly_once<S: StateStore>(s: Arc<S>) {
+    let mut handles = Vec::new();
+    for t in 0..16u32 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let mut created = Vec::new();
+            for i in 0..10u32 {
+                // ids 0..40: each is attempted by four tasks
+                let id = format!("job-cc-{:03}", (t % 4) * 10 + i);
+                match s.create_job(job(&id, JobState::Pending)).await {
+                    Ok(j) => created.push(j),
+                    Err(StoreError::AlreadyExists(_)) => {}
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+            created
+        }));
+    }
+    let mut created = Vec::new();
+    for h in handles {
+        created.extend(h.await.unwrap());
+    }
+    let mut ids: Vec<&str> = created.iter().map(|j| j.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(created.len(), 40, "each id created exactly once");
+    assert_eq!(ids.len(), 40);
+    let mut revisions: Vec<i64> = created.iter().map(|j| j.revision).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 40, "every create has its own revision");
+    for j in &created {
+        let stored = s
+            .get_job(&j.id)
+            .await
+            .unwrap()
+            .expect("created job is stored");
+        assert_eq!(stored.revision, j.revision);
+    }
+}
+
 /// Several tasks increment a counter in one job with CAS retries: no update is lost.
 pub async fn concurrent_cas_no_lost_update<S: StateStore>(s: Arc<S>) {
     s.create_job(job("job-n", JobState::Running)).await.unwrap();
@@ -388,6 +431,12 @@ macro_rules! store_conformance_tests {
             async fn concurrent_cas_no_lost_update() {
                 let (s, _ctx) = $make;
                 suite::concurrent_cas_no_lost_update(std::sync::Arc::new(s)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_creates_exactly_once() {
+                let (s, _ctx) = $make;
+                suite::concurrent_creates_exactly_once(std::sync::Arc::new(s)).await;
             }
 
             #[tokio::test]

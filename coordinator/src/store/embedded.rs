@@ -72,11 +72,29 @@ struct Lease {
     deadline: Instant,
 }
 
+/// Called once the batch a write belonged to is committed (or failed to commit).
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// One queued write. Called with the batch's transaction and the revision it gets, it runs
+/// and returns what to publish and how to complete it, or `Err(poisoned)` when it failed
+/// (it has told its caller already); `poisoned` means it may have left the transaction
+/// half-written, so the whole batch must be aborted. Called with `None`, it is told that
+/// its batch failed.
+type QueuedWrite = Box<
+    dyn FnOnce(
+            Option<(&WriteTransaction, Revision)>,
+        ) -> Result<(Option<JobChange>, Completion), bool>
+        + Send,
+>;
+
 struct Inner {
     db: Database,
     path: PathBuf,
+    /// Held while a batch commits: serialises commits and guards the revision counter.
     hub: Mutex<WatchHub>,
     leases: Mutex<HashMap<String, Lease>>,
+    /// Writes waiting for the next commit (group commit: one fsync for all of them).
+    queue: Mutex<Vec<QueuedWrite>>,
 }
 
 /// The redb-backed [`StateStore`]. Cheap to clone (shared handle).
@@ -131,6 +149,7 @@ impl EmbeddedStore {
                     tx,
                 }),
                 leases: Mutex::new(HashMap::new()),
+                queue: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -140,8 +159,15 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
-    /// Runs one write transaction at the next revision. `f` returns its result and the job
-    /// change to publish (if any); on error nothing is committed and the revision stays.
+    /// Runs one write at the next revision. `f` returns its result and the job change to
+    /// publish (if any); on error nothing of it is committed and the revision stays.
+    ///
+    /// Writes are group-committed: concurrent writes queue up while a commit is in flight
+    /// and the next commit takes them all in one redb transaction (one fsync), each at its
+    /// own revision, in queue order (a later write sees the earlier ones). A write must
+    /// decide a domain error (conflict, not found, exists) before it modifies the
+    /// transaction, so a failed write leaves the others untouched; a backend error aborts
+    /// the batch. This is what lets many clients submit concurrently.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -149,32 +175,37 @@ impl EmbeddedStore {
             + Send
             + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut hub = lock(&inner.hub);
-            let next = hub.revision + 1;
-            let txn = inner.db.begin_write().map_err(backend)?;
-            let (out, change) = f(&txn, next)?;
-            {
-                let mut meta = txn.open_table(META).map_err(backend)?;
-                meta.insert(REVISION_KEY, next as u64).map_err(backend)?;
-            }
-            txn.commit().map_err(backend)?;
-            hub.revision = next;
-            if let Some(change) = change {
-                if hub.recent.len() >= WATCH_WINDOW {
-                    if let Some(old) = hub.recent.pop_front() {
-                        hub.oldest = old.revision + 1;
-                    }
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
+        let queued: QueuedWrite = Box::new(move |batch| {
+            let Some((txn, revision)) = batch else {
+                let _ = tx.send(Err(StoreError::Backend(
+                    "the write's batch could not be committed".into(),
+                )));
+                return Err(false);
+            };
+            match f(txn, revision) {
+                Ok((out, change)) => {
+                    let done: Completion = Box::new(move |committed| {
+                        let _ = tx.send(committed.map(|()| out));
+                    });
+                    Ok((change, done))
                 }
-                hub.recent.push_back(change.clone());
-                // No receivers is fine.
-                let _ = hub.tx.send(change);
+                Err(e) => {
+                    // Domain errors (conflict, not found, exists) are decided before a write
+                    // touches the transaction; a backend error may have left it half-written.
+                    let poisoned = matches!(e, StoreError::Backend(_));
+                    let _ = tx.send(Err(e));
+                    Err(poisoned)
+                }
             }
-            Ok(out)
-        })
-        .await
-        .map_err(backend)?
+        });
+        lock(&self.inner.queue).push(queued);
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || commit_queued(&inner))
+            .await
+            .map_err(backend)?;
+        rx.await
+            .map_err(|_| StoreError::Backend("write dropped before it was committed".into()))?
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -189,6 +220,72 @@ impl EmbeddedStore {
         })
         .await
         .map_err(backend)?
+    }
+}
+
+/// Commits every queued write in one transaction (see [`EmbeddedStore::write`]). Returns at
+/// once when another call already took the queue.
+fn commit_queued(inner: &Inner) {
+    let mut hub = lock(&inner.hub);
+    let writes = std::mem::take(&mut *lock(&inner.queue));
+    if writes.is_empty() {
+        return;
+    }
+    let mut done: Vec<(Option<JobChange>, Completion)> = Vec::with_capacity(writes.len());
+    let mut revision = hub.revision;
+    let mut writes = writes.into_iter();
+    let result = (|| -> Result<(), StoreError> {
+        let txn = inner.db.begin_write().map_err(backend)?;
+        for write in writes.by_ref() {
+            match write(Some((&txn, revision + 1))) {
+                Ok(ok) => {
+                    revision += 1;
+                    done.push(ok);
+                }
+                Err(false) => {}
+                Err(true) => {
+                    return Err(StoreError::Backend(
+                        "a write failed inside the transaction; batch aborted".into(),
+                    ))
+                }
+            }
+        }
+        if done.is_empty() {
+            return txn.abort().map_err(backend);
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert(REVISION_KEY, revision as u64)
+                .map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    })();
+    match result {
+        Ok(()) => {
+            hub.revision = revision;
+            for (change, completion) in done {
+                if let Some(change) = change {
+                    if hub.recent.len() >= WATCH_WINDOW {
+                        if let Some(old) = hub.recent.pop_front() {
+                            hub.oldest = old.revision + 1;
+                        }
+                    }
+                    hub.recent.push_back(change.clone());
+                    // No receivers is fine.
+                    let _ = hub.tx.send(change);
+                }
+                completion(Ok(()));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "embedded store commit failed");
+            for (_, completion) in done {
+                completion(Err(e.clone()));
+            }
+            for write in writes {
+                let _ = write(None);
+            }
+        }
     }
 }
 

@@ -41,6 +41,12 @@
 //!   leases). `last_heartbeat_unix_ms` is refreshed in memory on every keep-alive (a put
 //!   per heartbeat would cost one raft write per worker per second); the stored record
 //!   keeps the registration time.
+//! - **Leader fencing.** With a [`Fence`] set ([`StateStore::set_fence`]: the leader's
+//!   election key and its create revision, the term), `create_job`, `update_job` and
+//!   `record_checkpoint` add `create_revision(election key) == term` to their transaction;
+//!   their failure branch reads the election key, so a lost fence (key gone or re-created
+//!   by a newer leader) is told apart from a failed compare-and-set and returned as
+//!   [`StoreError::NotLeader`], with nothing written. Worker leases are not fenced.
 //! - **Checkpoints** are one put each (idempotent per job and step). The trait records the
 //!   checkpoint and the job's `latest_checkpoint` in two calls, so they are two
 //!   transactions; both are idempotent.
@@ -70,7 +76,7 @@ use prost::Message;
 use trainyard_proto::{CheckpointInfo, Job, Worker, WorkerState};
 
 use super::{
-    ChangeKind, JobChange, JobPage, JobQuery, JobWatch, Revision, StateStore, StoreError,
+    ChangeKind, Fence, JobChange, JobPage, JobQuery, JobWatch, Revision, StateStore, StoreError,
     JOB_RECORD_VERSION,
 };
 
@@ -411,6 +417,7 @@ struct Inner {
     root: String,
     leases: Mutex<HashMap<String, Registration>>,
     last_remote_check: Mutex<Option<Instant>>,
+    fence: Mutex<Option<Fence>>,
 }
 
 /// The etcd-backed [`StateStore`]. Cheap to clone (shared handle).
@@ -526,6 +533,7 @@ impl EtcdStore {
                 config,
                 leases: Mutex::new(HashMap::new()),
                 last_remote_check: Mutex::new(None),
+                fence: Mutex::new(None),
             }),
         })
     }
@@ -679,6 +687,46 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// The fence in force, if any.
+    fn fence(&self) -> Option<Fence> {
+        lock(&self.inner.fence).clone()
+    }
+
+    /// The compare a fenced write adds to its transaction.
+    fn fence_compare(fence: &Fence) -> Compare {
+        Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.create_revision)
+    }
+
+    /// The read a fenced write adds to its failure branch, to tell a lost fence from a
+    /// failed compare-and-set.
+    fn fence_probe(fence: &Fence) -> TxnOp {
+        TxnOp::get(fence.key.clone(), Some(GetOptions::new().with_keys_only()))
+    }
+
+    /// Whether the failure branch's last answer (the [`Self::fence_probe`]) shows the fence
+    /// still holds.
+    fn fence_holds(fence: &Fence, responses: &[TxnOpResponse]) -> bool {
+        match responses.last() {
+            Some(TxnOpResponse::Get(g)) => g
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == fence.create_revision),
+            _ => false,
+        }
+    }
+
+    /// The error of a write refused by `fence`.
+    fn not_leader(fence: &Fence, what: &str) -> StoreError {
+        let key = String::from_utf8_lossy(&fence.key).into_owned();
+        tracing::warn!(key = %key, term = fence.create_revision, "{what} refused: this coordinator's leadership is over");
+        StoreError::NotLeader {
+            key,
+            term: fence.create_revision,
+        }
+    }
+}
+
 fn skip_corrupt(e: &StoreError) {
     if let StoreError::Corrupt { key, reason } = e {
         tracing::warn!(key = %key, reason = %reason, "skipping a stored record that does not decode");
@@ -697,12 +745,25 @@ impl StateStore for EtcdStore {
         let key = self.job_key(&job.id);
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
+        let fence = self.fence();
+        let mut when = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
+        let mut or_else = Vec::new();
+        if let Some(f) = &fence {
+            when.push(Self::fence_compare(f));
+            or_else.push(Self::fence_probe(f));
+        }
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), job.encode_to_vec(), None)]);
+            .when(when)
+            .and_then([TxnOp::put(key.as_str(), job.encode_to_vec(), None)])
+            .or_else(or_else);
         let mut kv = self.inner.client.kv_client();
         let resp = self.call("create job", kv.txn(txn)).await?;
         if !resp.succeeded() {
+            if let Some(f) = &fence {
+                if !Self::fence_holds(f, resp.op_responses().as_slice()) {
+                    return Err(Self::not_leader(f, "create job"));
+                }
+            }
             return Err(StoreError::AlreadyExists(job.id));
         }
         job.revision = header_revision(resp.header());
@@ -783,24 +844,37 @@ impl StateStore for EtcdStore {
         let key = self.job_key(&job.id);
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
+        let fence = self.fence();
+        let mut when = vec![
+            // A missing key has mod_revision 0: never let expected = 0 create it.
+            Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, expected),
+        ];
+        let mut or_else = vec![TxnOp::get(
+            key.as_str(),
+            Some(GetOptions::new().with_keys_only()),
+        )];
+        if let Some(f) = &fence {
+            when.push(Self::fence_compare(f));
+            or_else.push(Self::fence_probe(f));
+        }
         let txn = Txn::new()
-            .when([
-                // A missing key has mod_revision 0: never let expected = 0 create it.
-                Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
-                Compare::mod_revision(key.as_str(), CompareOp::Equal, expected),
-            ])
+            .when(when)
             .and_then([TxnOp::put(key.as_str(), job.encode_to_vec(), None)])
-            .or_else([TxnOp::get(
-                key.as_str(),
-                Some(GetOptions::new().with_keys_only()),
-            )]);
+            .or_else(or_else);
         let mut kv = self.inner.client.kv_client();
         let resp = self.call("update job", kv.txn(txn)).await?;
         if resp.succeeded() {
             job.revision = header_revision(resp.header());
             return Ok(job);
         }
-        let actual = resp.op_responses().into_iter().find_map(|r| match r {
+        let responses = resp.op_responses();
+        if let Some(f) = &fence {
+            if !Self::fence_holds(f, &responses) {
+                return Err(Self::not_leader(f, "update job"));
+            }
+        }
+        let actual = responses.into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.mod_revision())),
             _ => None,
         });
@@ -1083,12 +1157,35 @@ impl StateStore for EtcdStore {
             checkpoint.step
         );
         let mut kv = self.inner.client.kv_client();
-        self.call(
-            "record checkpoint",
-            kv.put(key, checkpoint.encode_to_vec(), None),
-        )
-        .await?;
+        match self.fence() {
+            None => {
+                self.call(
+                    "record checkpoint",
+                    kv.put(key, checkpoint.encode_to_vec(), None),
+                )
+                .await?;
+            }
+            Some(f) => {
+                let txn = Txn::new()
+                    .when([Self::fence_compare(&f)])
+                    .and_then([TxnOp::put(key, checkpoint.encode_to_vec(), None)]);
+                let resp = self.call("record checkpoint", kv.txn(txn)).await?;
+                if !resp.succeeded() {
+                    return Err(Self::not_leader(&f, "record checkpoint"));
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn set_fence(&self, fence: Option<Fence>) {
+        match &fence {
+            Some(f) => {
+                tracing::debug!(key = %String::from_utf8_lossy(&f.key), term = f.create_revision, "job writes fenced on leadership")
+            }
+            None => tracing::debug!("job writes unfenced"),
+        }
+        *lock(&self.inner.fence) = fence;
     }
 
     async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError> {

@@ -17,6 +17,10 @@
 //! - **Leases.** Workers are registered under a lease with a TTL; [`StateStore::keep_alive`]
 //!   renews it; [`StateStore::expire_workers`] removes (and returns) the workers whose
 //!   lease ran out (etcd deletes keys attached to an expired lease by itself).
+//! - **Leader fencing.** [`StateStore::set_fence`] makes job writes conditional on a
+//!   leadership still holding (etcd: the election key's create revision compared in the
+//!   write's transaction); a write after it ended is [`StoreError::NotLeader`] and writes
+//!   nothing. Single-node backends ignore the fence.
 //!
 //! # Backends
 //!
@@ -104,6 +108,27 @@ pub enum StoreError {
     /// The backend failed (I/O, database error).
     #[error("store backend error: {0}")]
     Backend(String),
+    /// A fenced write was refused: the leadership named by the store's [`Fence`] is over
+    /// (the election key is gone or belongs to a newer term). Nothing was written; the
+    /// writer must step down.
+    #[error("not the leader any more: election key {key} no longer has create revision {term}")]
+    NotLeader {
+        /// The election key of the fence.
+        key: String,
+        /// The term (create revision) the fence expected.
+        term: Revision,
+    },
+}
+
+/// A leadership fence for job writes (see [`StateStore::set_fence`]): writes succeed only
+/// while the election key `key` still exists with create revision `create_revision`
+/// (the leader's term), checked in the same transaction as the write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader's election key (e.g. `/trainyard/v1/leader/694d...`).
+    pub key: Vec<u8>,
+    /// The election key's create revision: the term being fenced on.
+    pub create_revision: Revision,
 }
 
 /// Which jobs [`StateStore::list_jobs`] returns, and which page.
@@ -191,6 +216,16 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// A job's checkpoints, by step ascending.
     async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError>;
+
+    /// Makes job writes (`create_job`, `update_job`, `record_checkpoint`) conditional on
+    /// `fence` (`None` removes it): a write while the fence's leadership is over fails with
+    /// [`StoreError::NotLeader`] and writes nothing. A coordinator sets it when it becomes
+    /// the leader and clears it when it steps down, so a partitioned old leader cannot
+    /// overwrite the new leader's records. Backends without several writers (the embedded
+    /// store) ignore it, which is the default.
+    fn set_fence(&self, fence: Option<Fence>) {
+        let _ = fence;
+    }
 }
 
 /// A parsed store URL: which backend, and how to reach it.

@@ -514,3 +514,115 @@ async fn open_by_url_connects_to_etcd() {
     let direct = EtcdStore::connect(config).await.unwrap();
     assert_eq!(direct.get_job("job-url").await.unwrap(), Some(job));
 }
+
+/// A checkpoint record of `job_id` at `step`.
+fn checkpoint(job_id: &str, step: u64) -> CheckpointInfo {
+    CheckpointInfo {
+        job_id: job_id.into(),
+        step,
+        attempt: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn fenced_writes_fail_with_not_leader_once_the_leader_key_changes() {
+    let Some((s, _ctx)) = test_store().await else {
+        return;
+    };
+    let leader_key = format!("{}leader/fence-test", s.root());
+    let mut kv = s.client().kv_client();
+    kv.put(leader_key.as_str(), "coordinator-a", None)
+        .await
+        .unwrap();
+    let term = kv.get(leader_key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+    s.set_fence(Some(Fence {
+        key: leader_key.clone().into_bytes(),
+        create_revision: term,
+    }));
+
+    // While the fence holds, writes go through and compare-and-set works as before.
+    let created = s
+        .create_job(suite_fns::job("job-1", JobState::Pending))
+        .await
+        .expect("a fenced create while leading");
+    let updated = s
+        .update_job(
+            suite_fns::job("job-1", JobState::Scheduled),
+            created.revision,
+        )
+        .await
+        .expect("a fenced update while leading");
+    let stale = s
+        .update_job(suite_fns::job("job-1", JobState::Running), created.revision)
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "a stale revision is still a conflict, not a lost fence: {stale:?}"
+    );
+    assert_eq!(
+        s.create_job(suite_fns::job("job-1", JobState::Pending))
+            .await,
+        Err(StoreError::AlreadyExists("job-1".into()))
+    );
+    s.record_checkpoint(checkpoint("job-1", 10))
+        .await
+        .expect("a fenced checkpoint while leading");
+
+    // Another coordinator wins: the election key is deleted and created again (new term).
+    kv.delete(leader_key.as_str(), None).await.unwrap();
+    kv.put(leader_key.as_str(), "coordinator-b", None)
+        .await
+        .unwrap();
+    let not_leader = StoreError::NotLeader {
+        key: leader_key.clone(),
+        term,
+    };
+    let before = s.current_revision().await.unwrap();
+    assert_eq!(
+        s.create_job(suite_fns::job("job-2", JobState::Pending))
+            .await,
+        Err(not_leader.clone())
+    );
+    assert_eq!(
+        s.update_job(suite_fns::job("job-1", JobState::Running), updated.revision)
+            .await,
+        Err(not_leader.clone())
+    );
+    assert_eq!(
+        s.record_checkpoint(checkpoint("job-1", 20)).await,
+        Err(not_leader.clone())
+    );
+    // Nothing was written.
+    assert_eq!(s.current_revision().await.unwrap(), before);
+    assert_eq!(s.get_job("job-2").await.unwrap(), None);
+    let job1 = s
+        .get_job("job-1")
+        .await
+        .unwrap()
+        .expect("job-1 is still there");
+    assert_eq!(job1.revision, updated.revision);
+    assert_eq!(job1.state(), JobState::Scheduled);
+    let steps: Vec<u64> = s
+        .list_checkpoints("job-1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(steps, vec![10]);
+
+    // A missing election key also fails the fence.
+    kv.delete(leader_key.as_str(), None).await.unwrap();
+    assert_eq!(
+        s.update_job(suite_fns::job("job-1", JobState::Running), updated.revision)
+            .await,
+        Err(not_leader)
+    );
+
+    // Without a fence (stepped down, single node) writes are unconditional again.
+    s.set_fence(None);
+    s.update_job(suite_fns::job("job-1", JobState::Running), updated.revision)
+        .await
+        .expect("an unfenced update");
+}
