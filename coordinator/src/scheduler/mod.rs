@@ -11,7 +11,7 @@
 
 pub mod placement;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,8 @@ use trainyard_proto::{
 };
 
 use crate::coordinator::{save, Coordinator, METRIC_FLUSH};
-use crate::state::{cancel_ranks, SlotUse, State};
-use crate::store::StoreError;
+use crate::state::{cancel_ranks, JobEntry, SlotUse, State};
+use crate::store::{StateStore, StoreError};
 use placement::{place, Assignment, QueuedJob};
 
 /// Default grace period of a cancelled rank, in seconds.
@@ -162,6 +162,15 @@ fn describe_placement(a: &Assignment) -> String {
     format!("placed on {}", parts.join(", "))
 }
 
+/// Saves every entry concurrently (see [`save`]); the first error wins, after all finished.
+async fn save_all<'a>(
+    store: &dyn StateStore,
+    entries: impl Iterator<Item = &'a mut JobEntry>,
+) -> Result<(), StoreError> {
+    let results = futures::future::join_all(entries.map(|e| save(store, e))).await;
+    results.into_iter().collect()
+}
+
 impl Coordinator {
     /// Housekeeping between passes: expires workers past their deadline, requeues orphans
     /// after a restart's grace period and flushes due metrics. Whatever it requeues wakes a
@@ -173,12 +182,7 @@ impl Coordinator {
         if self.requeue_orphans(st).await? {
             self.wake.notify_one();
         }
-        for entry in st.jobs.values_mut() {
-            if entry.dirty && entry.last_flush.elapsed() >= METRIC_FLUSH {
-                save(self.store.as_ref(), entry).await?;
-            }
-        }
-        Ok(())
+        self.flush_metrics(st).await
     }
 
     /// One scheduling pass (see the module docs).
@@ -207,21 +211,32 @@ impl Coordinator {
             for a in result.assignments {
                 self.start(st, a).await;
             }
-            for w in result.waiting {
-                if let Some(entry) = st.jobs.get_mut(&w.job_id) {
-                    if entry.job.state_reason != w.reason {
-                        entry.job.state_reason = w.reason;
-                        save(self.store.as_ref(), entry).await?;
-                    }
-                }
-            }
+            // New waiting reasons are written concurrently (the store batches them), not one
+            // round trip after another under the state lock.
+            let mut reasons: HashMap<String, String> = result
+                .waiting
+                .into_iter()
+                .map(|w| (w.job_id, w.reason))
+                .collect();
+            let changed = st.jobs.values_mut().filter_map(|entry| {
+                let reason = reasons.remove(&entry.job.id)?;
+                (entry.job.state_reason != reason).then(|| {
+                    entry.job.state_reason = reason;
+                    entry
+                })
+            });
+            save_all(self.store.as_ref(), changed).await?;
         }
-        for entry in st.jobs.values_mut() {
-            if entry.dirty && entry.last_flush.elapsed() >= METRIC_FLUSH {
-                save(self.store.as_ref(), entry).await?;
-            }
-        }
-        Ok(())
+        self.flush_metrics(st).await
+    }
+
+    /// Writes the jobs whose metrics changed and were last written over [`METRIC_FLUSH`] ago.
+    async fn flush_metrics(&self, st: &mut State) -> Result<(), StoreError> {
+        let due = st
+            .jobs
+            .values_mut()
+            .filter(|e| e.dirty && e.last_flush.elapsed() >= METRIC_FLUSH);
+        save_all(self.store.as_ref(), due).await
     }
 
     /// Commits one placement and pushes its assignments.
