@@ -15,7 +15,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, watch, Mutex, Notify};
 use tonic::Status;
 use trainyard_proto::{
-    job_event, rank_event, CheckpointInfo, ConfigKey, DeviceUse, Job, JobEvent, JobState, JobType,
+    job_event, rank_event, CheckpointInfo, DeviceUse, Job, JobEvent, JobState, JobType,
     ListJobsRequest, ListJobsResponse, RankReport, RankState, RegisterWorkerRequest,
     RegisterWorkerResponse, Transition, Worker, WorkerState,
 };
@@ -531,36 +531,7 @@ impl Coordinator {
 
     /// The registry's job types, with presets and config keys.
     pub fn list_job_types(&self) -> Vec<JobType> {
-        trainyard_jobs::registry()
-            .iter()
-            .map(|job| {
-                let schema = job.schema();
-                let default_preset = schema.default_preset();
-                JobType {
-                    name: job.name().to_string(),
-                    description: job.description().to_string(),
-                    presets: schema.presets().iter().map(|p| p.to_string()).collect(),
-                    default_preset: default_preset.to_string(),
-                    keys: schema
-                        .keys()
-                        .iter()
-                        .map(|k| ConfigKey {
-                            name: k.name.to_string(),
-                            kind: match k.kind {
-                                trainyard_jobs::ConfigKind::Int { .. } => "int",
-                                trainyard_jobs::ConfigKind::Float { .. } => "float",
-                                trainyard_jobs::ConfigKind::Bool => "bool",
-                                trainyard_jobs::ConfigKind::Str => "string",
-                                trainyard_jobs::ConfigKind::Choice(_) => "choice",
-                            }
-                            .to_string(),
-                            help: k.help.to_string(),
-                            default: k.default_for(default_preset).to_string(),
-                        })
-                        .collect(),
-                }
-            })
-            .collect()
+        crate::job_types::job_types()
     }
 
     /// Adds a worker; adopts ranks of orphaned jobs it still runs, cancels stale ones.

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod coordinator;
+pub mod job_types;
 pub mod leader;
 pub mod lifecycle;
 pub mod scheduler;
