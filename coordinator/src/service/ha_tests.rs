@@ -3,6 +3,7 @@
 //! the other answers reads, refuses writes with a redirect, reports its WorkerService
 //! NOT_SERVING, and takes over when the leader resigns.
 
+use super::tests::spec;
 use std::time::{Duration, Instant};
 
 use tonic::Code;
@@ -10,7 +11,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use trainyard_proto::job_service_client::JobServiceClient;
-use trainyard_proto::{GetJobRequest, JobSpec, ListJobsRequest, SubmitJobRequest};
+use trainyard_proto::{GetJobRequest, ListJobsRequest, SubmitJobRequest};
 
 use crate::coordinator::LEADER_METADATA;
 use crate::{start, CoordinatorConfig, CoordinatorHandle};
@@ -64,15 +65,6 @@ async fn wait_serving(addr: std::net::SocketAddr, within: Duration) {
     }
 }
 
-fn spec() -> JobSpec {
-    JobSpec {
-        job: "neural-ode".into(),
-        preset: "quick".into(),
-        ranks: 1,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
     let Some(endpoints) = etcd() else { return };
@@ -102,7 +94,9 @@ async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
         .await
         .unwrap();
     let job = leader
-        .submit_job(SubmitJobRequest { spec: Some(spec()) })
+        .submit_job(SubmitJobRequest {
+            spec: Some(spec(0)),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -111,7 +105,9 @@ async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
 
     // Writes to the follower: Unavailable, naming the leader.
     let err = follower
-        .submit_job(SubmitJobRequest { spec: Some(spec()) })
+        .submit_job(SubmitJobRequest {
+            spec: Some(spec(0)),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -148,7 +144,9 @@ async fn follower_redirects_writes_and_takes_over_when_the_leader_resigns() {
     let mut writes = Ok(());
     for _ in 0..50 {
         writes = follower
-            .submit_job(SubmitJobRequest { spec: Some(spec()) })
+            .submit_job(SubmitJobRequest {
+                spec: Some(spec(0)),
+            })
             .await
             .map(|_| ());
         if writes.is_ok() {
@@ -217,7 +215,7 @@ async fn a_deposed_leader_cannot_write_and_steps_down() {
     .with_leadership(leadership);
     coord.take_over().await.unwrap();
     let kept = coord
-        .submit(Some(spec()))
+        .submit(Some(spec(0)))
         .await
         .expect("the leader submits");
 
@@ -226,7 +224,7 @@ async fn a_deposed_leader_cannot_write_and_steps_down() {
     kv.put(election_key.as_str(), "new-leader", None)
         .await
         .unwrap();
-    let err = coord.submit(Some(spec())).await.unwrap_err();
+    let err = coord.submit(Some(spec(0))).await.unwrap_err();
     assert!(matches!(err, OpError::NotLeader(_)), "{err:?}");
     assert!(!coord.is_leader(), "a fenced-out leader stops leading");
     assert_eq!(coord.fenced_out_term(), term as u64);

@@ -7,6 +7,7 @@
 //! services while etcd is frozen (SIGSTOP) or dead (SIGKILL), never crash on the store
 //! errors meanwhile, and lead, serve and have every job again once etcd is back.
 
+use super::tests::spec;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use trainyard_proto::job_service_client::JobServiceClient;
-use trainyard_proto::{GetJobRequest, JobSpec, JobState, SubmitJobRequest};
+use trainyard_proto::{GetJobRequest, JobState, SubmitJobRequest};
 
 use crate::{start, CoordinatorConfig};
 
@@ -194,21 +195,14 @@ async fn wait_health(addr: SocketAddr, want: ServingStatus, within: Duration, wh
     }
 }
 
-fn spec() -> JobSpec {
-    JobSpec {
-        job: "neural-ode".into(),
-        preset: "quick".into(),
-        ranks: 1,
-        ..Default::default()
-    }
-}
-
 /// Submits a job, retrying while the coordinator (re)takes leadership.
 async fn submit(client: &mut JobServiceClient<tonic::transport::Channel>) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client
-            .submit_job(SubmitJobRequest { spec: Some(spec()) })
+            .submit_job(SubmitJobRequest {
+                spec: Some(spec(0)),
+            })
             .await
         {
             Ok(r) => return r.into_inner().job.expect("a job").id,
@@ -268,7 +262,9 @@ async fn etcd_outage_stops_serving_and_recovers_without_losing_jobs() {
     .await;
     let refused = tokio::time::timeout(
         Duration::from_secs(10),
-        client.submit_job(SubmitJobRequest { spec: Some(spec()) }),
+        client.submit_job(SubmitJobRequest {
+            spec: Some(spec(0)),
+        }),
     )
     .await
     .expect("a refused submit answers");

@@ -174,7 +174,8 @@ fn state(s: RankState) -> rank_event::Kind {
     })
 }
 
-fn spec(max_restarts: u32) -> JobSpec {
+/// A quick `neural-ode` spec (one rank) for service tests.
+pub(super) fn spec(max_restarts: u32) -> JobSpec {
     JobSpec {
         job: "neural-ode".into(),
         preset: "quick".into(),
