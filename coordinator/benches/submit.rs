@@ -6,7 +6,8 @@
 //! RUNNING as soon as it is assigned, then SUCCEEDED, so the cluster stays free.
 //! With etcd, the anchor is etcd's raw rate for the same number of single-key transactions
 //! (create-if-absent of a 256-byte value) through the same client library, from 1 and from
-//! 32 concurrent tasks; our rate is printed as a ratio of it.
+//! 32 concurrent tasks; our rate is printed as a ratio of it. Our rounds and etcd's raw
+//! rounds alternate ([`ROUNDS`] each, medians reported), so both see the same machine.
 //!
 //! Run: `cargo bench -p trainyard-coordinator --bench submit`, with
 //! `TRAINYARD_ETCD_ENDPOINTS=http://127.0.0.1:23790` for the etcd rows (`scripts/etcd.sh up`).
@@ -30,6 +31,8 @@ type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 const ONE_CLIENT_JOBS: usize = 400;
 const CLIENTS: usize = 32;
 const PER_CLIENT_JOBS: usize = 50;
+/// Throughput rounds per backend (medians are reported).
+const ROUNDS: usize = 3;
 const LATENCY_JOBS: usize = 200;
 const WORKERS: usize = 4;
 const SLOTS: u32 = 8;
@@ -236,6 +239,13 @@ struct Row {
     many: f64,
     p50: f64,
     p99: f64,
+    /// etcd's raw rates (1 task, 32 tasks), measured between our rounds.
+    raw: Option<(f64, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Waits until the coordinator at `url` leads (its WorkerService reports SERVING): an
@@ -261,7 +271,11 @@ async fn wait_until_leading(url: &str) -> Res<()> {
     }
 }
 
-async fn measure(backend: &'static str, store_url: String) -> Res<Row> {
+async fn measure(
+    backend: &'static str,
+    store_url: String,
+    raw_endpoints: Option<&[String]>,
+) -> Res<Row> {
     let dir = tempfile::tempdir()?;
     let mut config = CoordinatorConfig::with_data_dir(dir.path());
     config.listen = "127.0.0.1:0".parse()?;
@@ -269,8 +283,19 @@ async fn measure(backend: &'static str, store_url: String) -> Res<Row> {
     let coordinator = start(config.clone()).await?;
     let url = format!("http://{}", coordinator.local_addr());
     wait_until_leading(&url).await?;
-    let one = throughput(&url, 1, ONE_CLIENT_JOBS).await?;
-    let many = throughput(&url, CLIENTS, PER_CLIENT_JOBS).await?;
+    // Rounds alternate with etcd's raw rate, so that both see the same machine (on a
+    // small shared machine the load of neighbours moves both). Medians are reported.
+    let (mut one, mut many, mut raw_one, mut raw_many) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        one.push(throughput(&url, 1, ONE_CLIENT_JOBS).await?);
+        if let Some(endpoints) = raw_endpoints {
+            raw_one.push(raw_etcd(endpoints, 1, ONE_CLIENT_JOBS).await?);
+        }
+        many.push(throughput(&url, CLIENTS, PER_CLIENT_JOBS).await?);
+        if let Some(endpoints) = raw_endpoints {
+            raw_many.push(raw_etcd(endpoints, CLIENTS, PER_CLIENT_JOBS).await?);
+        }
+    }
     coordinator.shutdown().await?;
 
     // Latency on a fresh coordinator (an empty queue), with emulated workers.
@@ -287,23 +312,24 @@ async fn measure(backend: &'static str, store_url: String) -> Res<Row> {
     coordinator.shutdown().await?;
     Ok(Row {
         backend,
-        one,
-        many,
+        one: median(one),
+        many: median(many),
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
+        raw: raw_endpoints.map(|_| (median(raw_one), median(raw_many))),
     })
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Res<()> {
     println!(
-        "submit bench: {ONE_CLIENT_JOBS} submits from 1 client, {} from {CLIENTS} clients; \
-         latency over {LATENCY_JOBS} jobs on {WORKERS} emulated workers x {SLOTS} gpu slots",
+        "submit bench: {ONE_CLIENT_JOBS} submits from 1 client, {} from {CLIENTS} clients, \
+         median of {ROUNDS} rounds (the queue keeps growing); latency over {LATENCY_JOBS} jobs on {WORKERS} emulated workers x {SLOTS} gpu slots",
         CLIENTS * PER_CLIENT_JOBS
     );
     let dir = tempfile::tempdir()?;
     let embedded = format!("file://{}", dir.path().join("state.redb").display());
-    let mut rows = vec![measure("embedded", embedded).await?];
+    let mut rows = vec![measure("embedded", embedded, None).await?];
 
     let endpoints: Vec<String> = std::env::var("TRAINYARD_ETCD_ENDPOINTS")
         .unwrap_or_default()
@@ -311,7 +337,6 @@ async fn main() -> Res<()> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().to_string())
         .collect();
-    let mut raw = None;
     if endpoints.is_empty() {
         println!("TRAINYARD_ETCD_ENDPOINTS is not set: skipping the etcd rows");
     } else {
@@ -324,11 +349,7 @@ async fn main() -> Res<()> {
             hosts.join(","),
             uuid::Uuid::new_v4()
         );
-        rows.push(measure("etcd", url).await?);
-        raw = Some((
-            raw_etcd(&endpoints, 1, ONE_CLIENT_JOBS).await?,
-            raw_etcd(&endpoints, CLIENTS, PER_CLIENT_JOBS).await?,
-        ));
+        rows.push(measure("etcd", url, Some(&endpoints)).await?);
     }
 
     println!(
@@ -341,7 +362,8 @@ async fn main() -> Res<()> {
             r.backend, r.one, r.many, r.p50, r.p99
         );
     }
-    if let (Some((raw1, raw32)), Some(etcd)) = (raw, rows.iter().find(|r| r.backend == "etcd")) {
+    let etcd = rows.iter().find(|r| r.backend == "etcd");
+    if let Some((etcd, (raw1, raw32))) = etcd.and_then(|r| r.raw.map(|raw| (r, raw))) {
         println!(
             "{:<10} {:>14.0} {:>16.0}   (raw etcd txns, same client library)",
             "raw etcd", raw1, raw32

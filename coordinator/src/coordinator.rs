@@ -344,13 +344,18 @@ impl Coordinator {
         self.require_leader()?;
         let valid =
             validate_spec(trainyard_jobs::registry(), spec).map_err(OpError::InvalidArgument)?;
-        {
+        // The first waiting reason is what placing this job alone on the cluster as it is
+        // says: usually exactly what the scheduler's next pass says, so that pass has no
+        // reason to write back (see `scheduler::pass`).
+        let first_reason = {
             let st = self.state.lock().await;
+            let cluster = st.cluster_view();
             if !st.workers.is_empty() {
-                crate::scheduler::placement::fits_ever(&valid.spec, &st.cluster_view())
+                crate::scheduler::placement::fits_ever(&valid.spec, &cluster)
                     .map_err(OpError::FailedPrecondition)?;
             }
-        }
+            crate::scheduler::first_waiting_reason(&valid.spec, &cluster)
+        };
         // The store write runs without the state lock, so concurrent submissions reach the
         // store together (and are group-committed or pipelined to etcd).
         let mut tries = 0;
@@ -360,7 +365,7 @@ impl Coordinator {
                 id,
                 spec: Some(valid.spec.clone()),
                 state: JobState::Pending as i32,
-                state_reason: "queued".into(),
+                state_reason: first_reason.clone(),
                 transitions: vec![Transition {
                     from: JobState::Unspecified as i32,
                     to: JobState::Pending as i32,
@@ -500,7 +505,7 @@ impl Coordinator {
         self.ensure_tracked(&mut st, id).await?;
         let entry = st
             .jobs
-            .get(id)
+            .get_mut(id)
             .ok_or_else(|| OpError::Internal(format!("job {id} vanished")))?;
         let (history, last_n, rx) = entry.history.snapshot();
         let follow = follow && !entry.job.state().is_terminal();

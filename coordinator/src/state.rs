@@ -107,18 +107,19 @@ pub struct History {
     transitions: Vec<(u64, JobEvent)>,
     events: VecDeque<(u64, JobEvent)>,
     next_n: u64,
-    live: broadcast::Sender<(u64, JobEvent)>,
+    /// Created by the first watcher: a channel of `LIVE_CHANNEL` slots costs about a
+    /// megabyte, and most jobs are never watched while they are live.
+    live: Option<broadcast::Sender<(u64, JobEvent)>>,
 }
 
 impl History {
     /// A history seeded from a stored job: its transitions and result survive restarts.
     pub fn from_job(job: &Job) -> Self {
-        let (live, _) = broadcast::channel(LIVE_CHANNEL);
         let mut h = Self {
             transitions: Vec::new(),
             events: VecDeque::new(),
             next_n: 0,
-            live,
+            live: None,
         };
         for t in &job.transitions {
             h.push_transition(t.clone());
@@ -142,8 +143,8 @@ impl History {
             at_unix_ms: t.at_unix_ms,
             kind: Some(job_event::Kind::Transition(t)),
         };
-        self.transitions.push((n, ev.clone()));
-        let _ = self.live.send((n, ev));
+        self.publish(n, &ev);
+        self.transitions.push((n, ev));
     }
 
     /// Appends any other event (bounded: the oldest non-transition events are dropped).
@@ -158,13 +159,24 @@ impl History {
         if self.events.len() >= HISTORY_LIMIT {
             self.events.pop_front();
         }
-        self.events.push_back((n, ev.clone()));
-        let _ = self.live.send((n, ev));
+        self.publish(n, &ev);
+        self.events.push_back((n, ev));
+    }
+
+    /// Sends an event to the live watchers, if there are any.
+    fn publish(&mut self, n: u64, ev: &JobEvent) {
+        if let Some(live) = &self.live {
+            if live.receiver_count() == 0 {
+                self.live = None;
+            } else {
+                let _ = live.send((n, ev.clone()));
+            }
+        }
     }
 
     /// The whole history in order, the last `n` in it, and a receiver of later events.
     pub fn snapshot(
-        &self,
+        &mut self,
     ) -> (
         Vec<JobEvent>,
         Option<u64>,
@@ -189,7 +201,15 @@ impl History {
             last = Some(*n);
             out.push(ev.clone());
         }
-        (out, last, self.live.subscribe())
+        let rx = match &self.live {
+            Some(live) => live.subscribe(),
+            None => {
+                let (live, rx) = broadcast::channel(LIVE_CHANNEL);
+                self.live = Some(live);
+                rx
+            }
+        };
+        (out, last, rx)
     }
 }
 

@@ -11,7 +11,7 @@
 
 pub mod placement;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,10 @@ use placement::{place, Assignment, QueuedJob};
 const DEFAULT_GRACE_S: u32 = 10;
 /// A full scheduling pass runs at least this often, even without a wake-up.
 pub const SAFETY_TICK: Duration = Duration::from_secs(5);
+/// A full pass starts no sooner than this many times the last pass's duration after it.
+const PACING_FACTOR: u32 = 8;
+/// Upper bound of the pacing delay, whatever the last pass took.
+const PACING_MAX: Duration = Duration::from_millis(100);
 /// Longest wait before the job watch is opened again after it failed.
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -84,6 +88,8 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, m
     let mut elector_gone = false;
     let mut term = leadership.borrow().term;
     let mut full_pass = true;
+    let mut last_pass_started = Instant::now();
+    let mut last_placement = Duration::ZERO;
     let mut housekeeping = tokio::time::interval(tick);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut safety = tokio::time::interval(SAFETY_TICK);
@@ -113,7 +119,19 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, m
         }
         if leading {
             let done = if full_pass {
-                coord.pass().await
+                // Pacing: under a stream of wake-ups (a submission burst) a pass starts no
+                // sooner than PACING_FACTOR × the last pass's placement work after that pass
+                // began, so placing a long queue takes at most about a ninth of a core and
+                // the wake-ups that arrive meanwhile are served by one pass. Store round
+                // trips do not count (they wait, they do not compute); a short queue's
+                // placement takes microseconds: no delay.
+                let pace = last_placement.saturating_mul(PACING_FACTOR).min(PACING_MAX);
+                let since = last_pass_started.elapsed();
+                if since < pace {
+                    tokio::time::sleep(pace - since).await;
+                }
+                last_pass_started = Instant::now();
+                coord.pass().await.map(|took| last_placement = took)
             } else {
                 coord.housekeep().await
             };
@@ -138,6 +156,26 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, m
     }
     watcher.abort();
     tracing::debug!("scheduler stopped");
+}
+
+/// The waiting reason of a job just submitted: what [`place`] says of it alone on
+/// `cluster` as it is now, or `queued` when it would be placed.
+pub fn first_waiting_reason(
+    spec: &trainyard_proto::JobSpec,
+    cluster: &placement::ClusterView,
+) -> String {
+    let job = QueuedJob {
+        id: String::new(),
+        priority: spec.priority,
+        submitted_unix_ms: 0,
+        ranks: spec.ranks.max(1),
+        device_kind: spec.device_kind.clone(),
+    };
+    place(std::slice::from_ref(&job), cluster)
+        .waiting
+        .pop()
+        .map(|w| w.reason)
+        .unwrap_or_else(|| "queued".to_string())
 }
 
 fn describe_placement(a: &Assignment) -> String {
@@ -185,49 +223,51 @@ impl Coordinator {
         self.flush_metrics(st).await
     }
 
-    /// One scheduling pass (see the module docs).
-    pub async fn pass(&self) -> Result<(), StoreError> {
+    /// One scheduling pass (see the module docs). Returns the time spent on the placement
+    /// itself (building the queue, [`place`], noting waiting reasons), without store I/O.
+    pub async fn pass(&self) -> Result<Duration, StoreError> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
         self.expire_workers(st).await?;
         let _ = self.requeue_orphans(st).await?;
+        let placing = Instant::now();
+        let mut placement_took = Duration::ZERO;
         let queue: Vec<QueuedJob> = st
             .jobs
             .values()
             .filter(|e| e.job.state() == JobState::Pending)
             .map(|e| {
-                let spec = e.job.spec.clone().unwrap_or_default();
+                let spec = e.job.spec.as_ref();
                 QueuedJob {
                     id: e.job.id.clone(),
-                    priority: spec.priority,
+                    priority: spec.map_or(0, |s| s.priority),
                     submitted_unix_ms: e.job.created_unix_ms,
-                    ranks: spec.ranks.max(1),
-                    device_kind: spec.device_kind,
+                    ranks: spec.map_or(1, |s| s.ranks.max(1)),
+                    device_kind: spec.map(|s| s.device_kind.clone()).unwrap_or_default(),
                 }
             })
             .collect();
         if !queue.is_empty() {
             let result = place(&queue, &st.cluster_view());
-            for a in result.assignments {
-                self.start(st, a).await;
+            placement_took = placing.elapsed();
+            let noting = Instant::now();
+            // A waiting reason is advice the leader recomputes on every pass: it is served
+            // from memory at once and written to the store with the next metric flush
+            // (batched, at most once per METRIC_FLUSH per job), never a round trip per job
+            // under the state lock.
+            for w in result.waiting {
+                if let Some(entry) = st.jobs.get_mut(&w.job_id) {
+                    if entry.job.state_reason != w.reason {
+                        entry.job.state_reason = w.reason;
+                        entry.dirty = true;
+                    }
+                }
             }
-            // New waiting reasons are written concurrently (the store batches them), not one
-            // round trip after another under the state lock.
-            let mut reasons: HashMap<String, String> = result
-                .waiting
-                .into_iter()
-                .map(|w| (w.job_id, w.reason))
-                .collect();
-            let changed = st.jobs.values_mut().filter_map(|entry| {
-                let reason = reasons.remove(&entry.job.id)?;
-                (entry.job.state_reason != reason).then(|| {
-                    entry.job.state_reason = reason;
-                    entry
-                })
-            });
-            save_all(self.store.as_ref(), changed).await?;
+            placement_took += noting.elapsed();
+            self.start_all(st, result.assignments).await;
         }
-        self.flush_metrics(st).await
+        self.flush_metrics(st).await?;
+        Ok(placement_took)
     }
 
     /// Writes the jobs whose metrics changed and were last written over [`METRIC_FLUSH`] ago.
@@ -239,32 +279,67 @@ impl Coordinator {
         save_all(self.store.as_ref(), due).await
     }
 
-    /// Commits one placement and pushes its assignments.
-    async fn start(&self, st: &mut State, a: Assignment) {
+    /// Commits this pass's placements: moves each job to SCHEDULED in memory, writes them
+    /// all concurrently (the store batches them into few transactions), then pushes the
+    /// assignments of every job whose write succeeded. A job whose write failed is reloaded
+    /// from the store and not started.
+    async fn start_all(&self, st: &mut State, assignments: Vec<Assignment>) {
+        let mut placed = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            let Some(entry) = st.jobs.get_mut(&a.job_id) else {
+                continue;
+            };
+            let reason = describe_placement(&a);
+            if let Err(e) = entry.transition(JobState::Scheduled, &reason) {
+                tracing::error!(job = %a.job_id, error = %e, "cannot schedule");
+                continue;
+            }
+            entry.job.placement = a
+                .ranks
+                .iter()
+                .map(|r| RankPlacement {
+                    rank: r.rank,
+                    worker_id: r.worker_id.clone(),
+                    device_index: r.device_index,
+                })
+                .collect();
+            placed.push((a, reason));
+        }
+        let ids: HashSet<&str> = placed.iter().map(|(a, _)| a.job_id.as_str()).collect();
+        let store = self.store.as_ref();
+        let writes = st
+            .jobs
+            .values_mut()
+            .filter(|e| ids.contains(e.job.id.as_str()))
+            .map(|e| async move {
+                let r = save(store, e).await;
+                (e.job.id.clone(), r)
+            });
+        let failed: HashMap<String, StoreError> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .filter_map(|(id, r)| r.err().map(|e| (id, e)))
+            .collect();
+        for (a, reason) in placed {
+            match failed.get(&a.job_id) {
+                None => self.push_assignments(st, &a, &reason),
+                Some(e) => {
+                    tracing::error!(job = %a.job_id, error = %e, "storing the placement failed; not starting");
+                    if let Ok(Some(job)) = self.store.get_job(&a.job_id).await {
+                        if let Some(entry) = st.jobs.get_mut(&a.job_id) {
+                            entry.job = job;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the assignments of a job whose placement is stored down its workers' streams.
+    fn push_assignments(&self, st: &mut State, a: &Assignment, reason: &str) {
         let Some(entry) = st.jobs.get_mut(&a.job_id) else {
             return;
         };
-        let reason = describe_placement(&a);
-        if let Err(e) = entry.transition(JobState::Scheduled, &reason) {
-            tracing::error!(job = %a.job_id, error = %e, "cannot schedule");
-            return;
-        }
-        entry.job.placement = a
-            .ranks
-            .iter()
-            .map(|r| RankPlacement {
-                rank: r.rank,
-                worker_id: r.worker_id.clone(),
-                device_index: r.device_index,
-            })
-            .collect();
-        if let Err(e) = save(self.store.as_ref(), entry).await {
-            tracing::error!(job = %a.job_id, error = %e, "storing the placement failed; not starting");
-            if let Ok(Some(job)) = self.store.get_job(&a.job_id).await {
-                entry.job = job;
-            }
-            return;
-        }
         let job = entry.job.clone();
         let spec = job.spec.clone().unwrap_or_default();
         let world_size = spec.ranks.max(1);

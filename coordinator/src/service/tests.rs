@@ -1078,3 +1078,32 @@ async fn a_rank_that_ended_during_a_restart_keeps_its_job() {
     );
     c.handle.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_waiting_job_is_stored_with_its_reason_and_not_rewritten_by_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = boot(dir.path()).await;
+    // One busy-able gpu slot; the second job of 1 gpu waits for it.
+    let w = FakeWorker::join(&c.url, "w1", devices("gpu", 1), vec![]).await;
+    let mut gpu = spec(0);
+    gpu.device_kind = "gpu".into();
+    let first = submit(&mut c.jobs, gpu.clone()).await;
+    wait_for(&mut c.jobs, &first.id, JobState::Scheduled).await;
+    let second = submit(&mut c.jobs, gpu).await;
+    assert_eq!(second.state(), JobState::Pending);
+    assert_eq!(
+        second.state_reason, "waiting for 1 free gpu slots; 0 free",
+        "the reason is stored with the job at submit"
+    );
+    // Several passes later (every rank report and the safety tick wake one), the job was
+    // not written again: the pass found the same reason.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = get(&mut c.jobs, &second.id).await;
+    assert_eq!(again.state_reason, second.state_reason);
+    assert_eq!(
+        again.revision, second.revision,
+        "no write-back of an unchanged reason"
+    );
+    drop(w);
+    c.handle.shutdown().await.unwrap();
+}

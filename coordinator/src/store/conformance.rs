@@ -106,10 +106,12 @@ pub async fn concurrent_creates_exactly_once<S: StateStore>(s: Arc<S>) {
     ids.dedup();
     assert_eq!(created.len(), 40, "each id created exactly once");
     assert_eq!(ids.len(), 40);
-    let mut revisions: Vec<i64> = created.iter().map(|j| j.revision).collect();
-    revisions.sort_unstable();
-    revisions.dedup();
-    assert_eq!(revisions.len(), 40, "every create has its own revision");
+    // Concurrent creates may share a revision (etcd: one batched transaction), but every
+    // create has one, and it is the stored job's.
+    assert!(
+        created.iter().all(|j| j.revision > 0),
+        "every create has a revision"
+    );
     for j in &created {
         let stored = s
             .get_job(&j.id)

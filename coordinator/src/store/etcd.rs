@@ -18,6 +18,10 @@
 //! - **Compare-and-set** is a transaction `create_revision(key) > 0 && mod_revision(key) ==
 //!   expected → put`, else `get(key)`: a missing key is [`StoreError::NotFound`], another
 //!   revision is [`StoreError::Conflict`] carrying the key's real `mod_revision`.
+//! - **Batching.** Concurrent creates and updates are packed into one transaction (every
+//!   item's compares, the fence once, every item's put) by [`batch`]; a failed compare
+//!   fails the batch, whose items then go alone, so the outcome of each write is exactly
+//!   as described above. Writes of one batch share its revision.
 //! - **current_revision** is the highest `mod_revision` under the root prefix (the last
 //!   write of *this* store; other tenants of the etcd cluster do not move it), or the
 //!   cluster's revision while the prefix is empty. It costs one key-only range over the
@@ -74,6 +78,8 @@ use etcd_client::{
 };
 use prost::Message;
 use trainyard_proto::{CheckpointInfo, Job, Worker, WorkerState};
+
+mod batch;
 
 use super::{
     ChangeKind, Fence, JobChange, JobPage, JobQuery, JobWatch, Revision, StateStore, StoreError,
@@ -410,6 +416,10 @@ struct Registration {
 
 struct Inner {
     client: Client,
+    /// Queue of the job-write batcher ([`batch`]).
+    batcher: tokio::sync::mpsc::UnboundedSender<batch::Queued>,
+    /// Transactions sent for job creates and updates (batched or alone).
+    job_write_txns: std::sync::atomic::AtomicU64,
     config: EtcdConfig,
     jobs: String,
     checkpoints: String,
@@ -524,7 +534,9 @@ impl EtcdStore {
         let root = format!("{}/v1/", config.prefix);
         tracing::debug!(endpoints = %endpoints, root = %root, "opened etcd store");
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
+                batcher: batch::start(weak.clone()),
+                job_write_txns: std::sync::atomic::AtomicU64::new(0),
                 client,
                 jobs: format!("{root}jobs/"),
                 checkpoints: format!("{root}checkpoints/"),
@@ -541,6 +553,20 @@ impl EtcdStore {
     /// The root of this store's keys (e.g. `/trainyard/v1/`).
     pub fn root(&self) -> &str {
         &self.inner.root
+    }
+
+    /// How many transactions this store sent to create or update jobs: with concurrent
+    /// writers far fewer than the writes (see [`batch`]).
+    pub fn job_write_transactions(&self) -> u64 {
+        self.inner
+            .job_write_txns
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_job_write_txn(&self) {
+        self.inner
+            .job_write_txns
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The underlying etcd client (for tests and tools).
@@ -574,6 +600,27 @@ impl EtcdStore {
                 self.inner.config.endpoints.join(",")
             ))),
         }
+    }
+
+    /// Queues a job write for the batcher and waits for its outcome; [`batch::Outcome::Alone`]
+    /// when the batcher is gone.
+    async fn write_batched(
+        &self,
+        key: &str,
+        value: &[u8],
+        kind: batch::WriteKind,
+    ) -> batch::Outcome {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let queued = batch::Queued {
+            key: key.to_string(),
+            value: value.to_vec(),
+            kind,
+            reply,
+        };
+        if self.inner.batcher.send(queued).is_err() {
+            return batch::Outcome::Alone;
+        }
+        outcome.await.unwrap_or(batch::Outcome::Alone)
     }
 
     /// Decodes a job value; `Err` carries the key and the reason (the caller logs or returns it).
@@ -745,6 +792,18 @@ impl StateStore for EtcdStore {
         let key = self.job_key(&job.id);
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
+        let value = job.encode_to_vec();
+        match self
+            .write_batched(&key, &value, batch::WriteKind::Create)
+            .await
+        {
+            batch::Outcome::Written(revision) => {
+                job.revision = revision;
+                return Ok(job);
+            }
+            batch::Outcome::Failed(e) => return Err(e),
+            batch::Outcome::Alone => {}
+        }
         let fence = self.fence();
         let mut when = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
         let mut or_else = Vec::new();
@@ -754,9 +813,10 @@ impl StateStore for EtcdStore {
         }
         let txn = Txn::new()
             .when(when)
-            .and_then([TxnOp::put(key.as_str(), job.encode_to_vec(), None)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else(or_else);
         let mut kv = self.inner.client.kv_client();
+        self.count_job_write_txn();
         let resp = self.call("create job", kv.txn(txn)).await?;
         if !resp.succeeded() {
             if let Some(f) = &fence {
@@ -844,6 +904,18 @@ impl StateStore for EtcdStore {
         let key = self.job_key(&job.id);
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
+        let value = job.encode_to_vec();
+        match self
+            .write_batched(&key, &value, batch::WriteKind::Update { expected })
+            .await
+        {
+            batch::Outcome::Written(revision) => {
+                job.revision = revision;
+                return Ok(job);
+            }
+            batch::Outcome::Failed(e) => return Err(e),
+            batch::Outcome::Alone => {}
+        }
         let fence = self.fence();
         let mut when = vec![
             // A missing key has mod_revision 0: never let expected = 0 create it.
@@ -860,9 +932,10 @@ impl StateStore for EtcdStore {
         }
         let txn = Txn::new()
             .when(when)
-            .and_then([TxnOp::put(key.as_str(), job.encode_to_vec(), None)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else(or_else);
         let mut kv = self.inner.client.kv_client();
+        self.count_job_write_txn();
         let resp = self.call("update job", kv.txn(txn)).await?;
         if resp.succeeded() {
             job.revision = header_revision(resp.header());

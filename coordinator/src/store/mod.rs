@@ -7,7 +7,9 @@
 //! - **Revisions.** Every write (job create, job update, checkpoint record) bumps one
 //!   store-wide, monotonically increasing counter — etcd's `mod_revision`. A job record
 //!   carries the revision of its last write in [`Job::revision`]; it is the
-//!   compare-and-set token of [`StateStore::update_job`].
+//!   compare-and-set token of [`StateStore::update_job`]. Concurrent writes of different
+//!   jobs may be committed together and share a revision (etcd: one transaction of a
+//!   batch); two writes of one job never do.
 //! - **Compare-and-set.** `update_job(job, expected)` succeeds only if the stored job's
 //!   revision is still `expected` (etcd: a transaction comparing `mod_revision`), and
 //!   otherwise fails with [`StoreError::Conflict`]. Concurrent updaters never lose updates.

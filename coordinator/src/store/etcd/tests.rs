@@ -626,3 +626,129 @@ async fn fenced_writes_fail_with_not_leader_once_the_leader_key_changes() {
         .await
         .expect("an unfenced update");
 }
+
+// ---------------------------------------------------------------------------------------
+// Batched writes (store/etcd/batch.rs)
+
+#[tokio::test]
+async fn concurrent_writes_share_transactions_and_conflicts_stay_precise() {
+    let Some((s, _ctx)) = test_store().await else {
+        return;
+    };
+    let s = Arc::new(s);
+    const N: usize = 64;
+    let txns_before = s.job_write_transactions();
+    let creates = (0..N).map(|i| {
+        let s = s.clone();
+        async move {
+            s.create_job(suite_fns::job(&format!("job-b{i:03}"), JobState::Pending))
+                .await
+        }
+    });
+    let created: Vec<Job> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("every create succeeds");
+    let txns = s.job_write_transactions() - txns_before;
+    eprintln!("{N} concurrent creates took {txns} etcd transactions");
+    assert!(
+        (txns as usize) < N / 2,
+        "{N} concurrent creates should share transactions, took {txns}"
+    );
+    for j in &created {
+        let stored = s.get_job(&j.id).await.unwrap().expect("stored");
+        assert_eq!(stored.revision, j.revision, "{}: the stored revision", j.id);
+    }
+
+    // Half the updates are stale (expected revision off by one): in a batch with fresh
+    // ones they must fail alone, with the key's real revision, and the fresh ones succeed.
+    let updates = created.iter().enumerate().map(|(i, j)| {
+        let s = s.clone();
+        let (id, rev) = (j.id.clone(), j.revision);
+        async move {
+            let expected = if i % 2 == 0 { rev } else { rev - 1 };
+            let r = s
+                .update_job(suite_fns::job(&id, JobState::Scheduled), expected)
+                .await;
+            (i, rev, r)
+        }
+    });
+    for (i, rev, r) in futures::future::join_all(updates).await {
+        if i % 2 == 0 {
+            let j = r.unwrap_or_else(|e| panic!("fresh update {i} failed: {e}"));
+            assert!(j.revision > rev);
+        } else {
+            match r {
+                Err(StoreError::Conflict {
+                    expected, actual, ..
+                }) => {
+                    assert_eq!(expected, rev - 1);
+                    assert_eq!(actual, rev, "the conflict names the real revision");
+                }
+                other => panic!("stale update {i}: expected a conflict, got {other:?}"),
+            }
+        }
+    }
+    for (i, j) in created.iter().enumerate() {
+        let stored = s.get_job(&j.id).await.unwrap().expect("stored");
+        let want = if i % 2 == 0 {
+            JobState::Scheduled
+        } else {
+            JobState::Pending
+        };
+        assert_eq!(stored.state(), want, "{}", j.id);
+    }
+
+    // Concurrent creates of one id (in one batch or not): exactly one wins.
+    let dupes = (0..8).map(|_| {
+        let s = s.clone();
+        async move {
+            s.create_job(suite_fns::job("job-dup", JobState::Pending))
+                .await
+        }
+    });
+    let results = futures::future::join_all(dupes).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(results
+        .iter()
+        .filter(|r| r.is_err())
+        .all(|r| matches!(r, Err(StoreError::AlreadyExists(_)))));
+}
+
+#[tokio::test]
+async fn batched_writes_respect_the_fence() {
+    let Some((s, _ctx)) = test_store().await else {
+        return;
+    };
+    let leader_key = format!("{}leader/batch-fence", s.root());
+    let mut kv = s.client().kv_client();
+    kv.put(leader_key.as_str(), "a", None).await.unwrap();
+    let term = kv.get(leader_key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+    s.set_fence(Some(Fence {
+        key: leader_key.clone().into_bytes(),
+        create_revision: term,
+    }));
+    kv.delete(leader_key.as_str(), None).await.unwrap();
+    kv.put(leader_key.as_str(), "b", None).await.unwrap();
+    let s = Arc::new(s);
+    let before = s.current_revision().await.unwrap();
+    let creates = (0..32).map(|i| {
+        let s = s.clone();
+        async move {
+            s.create_job(suite_fns::job(&format!("job-f{i}"), JobState::Pending))
+                .await
+        }
+    });
+    for r in futures::future::join_all(creates).await {
+        assert!(
+            matches!(r, Err(StoreError::NotLeader { .. })),
+            "a batched write under a lost fence: {r:?}"
+        );
+    }
+    assert_eq!(
+        s.current_revision().await.unwrap(),
+        before,
+        "nothing written"
+    );
+}
