@@ -99,6 +99,81 @@ pub enum Command {
     Local(LocalArgs),
     /// Start a local cluster, run one job to completion with live progress, then stop.
     Run(RunArgs),
+    /// Check a `cuda` build on this machine's GPU: GPUs seen, neural-ode training step
+    /// time on CUDA vs CPU, a one-rank NCCL all-reduce; exit 1 on a failed check, 2 in a
+    /// build without cuda.
+    GpuCheck(GpuCheckArgs),
+    /// Data sets in object storage: push a folder, show one.
+    Data(DataArgs),
+}
+
+/// `trainyard data`.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+/// Subcommands of `trainyard data`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DataCommand {
+    /// Upload every file under DIR as the data set at URL (files first, manifest last);
+    /// jobs then name it with `--set dataset=URL` and workers download it once.
+    Push {
+        /// The folder to upload.
+        dir: PathBuf,
+        /// Where: file:///abs/path, s3://bucket/prefix (credentials from the environment).
+        url: String,
+    },
+    /// Show the data set at URL: files, sizes, digests.
+    Info {
+        /// The data set's URL.
+        url: String,
+    },
+}
+
+/// `trainyard gpu-check`.
+#[derive(Debug, Clone, Args)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct GpuCheckArgs {
+    /// Batch sizes of the training-step rows (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "32,256",
+        value_name = "N,..."
+    )]
+    pub batches: Vec<usize>,
+    /// Warm-up steps on CUDA before timing.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub warmup: usize,
+    /// Timed steps on CUDA.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub steps: usize,
+    /// Warm-up steps on the CPU before timing.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpu_warmup: usize,
+    /// Timed steps on the CPU.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub cpu_steps: usize,
+    /// Buffer sizes of the NCCL rows, in MiB (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,16,64",
+        value_name = "MIB,..."
+    )]
+    pub sizes_mib: Vec<usize>,
+    /// Timed calls per NCCL row.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub nccl_iters: usize,
+    /// Skip the training-step rows.
+    #[arg(long)]
+    pub skip_training: bool,
+    /// Skip the NCCL rows.
+    #[arg(long)]
+    pub skip_nccl: bool,
 }
 
 /// `trainyard coordinator`.
@@ -132,7 +207,8 @@ pub struct WorkerArgs {
     /// Worker name shown in `trainyard workers` (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Devices to offer, e.g. `cpu:4` (default: one cpu slot per core).
+    /// Devices to offer, e.g. `cpu:4`, `gpu:0,1` (real GPUs; `cuda` builds only) or
+    /// `cpu:8+gpu:all` (default: one cpu slot per core, plus every GPU in a `cuda` build).
     #[arg(long, value_name = "SPEC")]
     pub devices: Option<String>,
     /// Offer N GPU slots emulated on the CPU instead.
@@ -176,6 +252,26 @@ pub struct SpecArgs {
     /// Seconds a rank gets between SIGTERM and SIGKILL on cancel.
     #[arg(long, value_name = "SECS")]
     pub grace_period: Option<u32>,
+    /// Keep the newest N committed checkpoints (default 3; older ones are deleted).
+    #[arg(long = "keep-checkpoints", value_name = "N")]
+    pub keep_checkpoints: Option<u32>,
+    /// Also keep the best M committed checkpoints by --best-metric.
+    #[arg(long, value_name = "M")]
+    pub keep_best: Option<u32>,
+    /// The metric that ranks checkpoints for --keep-best, e.g. odenet/test_acc.
+    #[arg(long, value_name = "NAME")]
+    pub best_metric: Option<String>,
+    /// Whether a higher (max) or lower (min) --best-metric is better (default: min).
+    #[arg(long, value_name = "MODE", value_parser = ["max", "min"])]
+    pub best_mode: Option<String>,
+    /// Fail an attempt when no checkpoint could be committed for this many seconds while
+    /// uploads keep failing (default 600).
+    #[arg(long = "checkpoint-commit-timeout", value_name = "SECS")]
+    pub checkpoint_commit_timeout: Option<u32>,
+    /// Start from another job's committed checkpoint: <job-id>/<step>
+    /// (`trainyard checkpoints <job-id>` lists them); the job must be of the same type.
+    #[arg(long, value_name = "JOB/STEP")]
+    pub from_checkpoint: Option<String>,
 }
 
 /// `trainyard submit`.
@@ -283,7 +379,7 @@ pub struct ClusterArgs {
     /// Each worker offers N GPU slots emulated on the CPU (default: cpu slots, one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub emulate_gpus: u32,
-    /// Devices each worker offers, e.g. `cpu:4` (ignored with --emulate-gpus).
+    /// Devices each worker offers, e.g. `cpu:4` or `gpu:0` (real GPUs; `cuda` builds only).
     #[arg(long, value_name = "SPEC")]
     pub devices: Option<String>,
     /// Object store URL for checkpoints (default: a folder in the data dir).
@@ -356,6 +452,32 @@ mod tests {
         assert_eq!(s.spec.set, vec!["a=1", "b=2"]);
         assert_eq!(s.spec.ranks, Some(2));
         assert_eq!(s.output.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn gpu_check_defaults_and_lists() {
+        let cli = Cli::try_parse_from(["trainyard", "gpu-check"]).unwrap();
+        let Command::GpuCheck(g) = cli.command else {
+            panic!("not gpu-check")
+        };
+        assert_eq!(g.batches, vec![32, 256]);
+        assert_eq!(g.sizes_mib, vec![1, 16, 64]);
+        let cli = Cli::try_parse_from([
+            "trainyard",
+            "gpu-check",
+            "--batches",
+            "8,16,64",
+            "--sizes-mib",
+            "4",
+            "--skip-nccl",
+        ])
+        .unwrap();
+        let Command::GpuCheck(g) = cli.command else {
+            panic!("not gpu-check")
+        };
+        assert_eq!(g.batches, vec![8, 16, 64]);
+        assert_eq!(g.sizes_mib, vec![4]);
+        assert!(g.skip_nccl && !g.skip_training);
     }
 
     #[test]

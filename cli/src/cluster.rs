@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trainyard_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use trainyard_proto::{ListWorkersRequest, WorkerState};
-use trainyard_worker::{parse_devices, run_worker, WorkerConfig};
+use trainyard_worker::{parse_device_slots, run_worker, WorkerConfig};
 
 use crate::args::ClusterArgs;
 use crate::client::Client;
@@ -94,7 +94,7 @@ impl LocalCluster {
             ));
         }
         // Validate the devices before starting anything.
-        let devices = parse_devices(shape.devices.as_deref(), shape.emulate_gpus)
+        let slots = parse_device_slots(shape.devices.as_deref(), shape.emulate_gpus)
             .map_err(|e| bad_input(devices_error(&e.to_string())))?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -133,7 +133,8 @@ impl LocalCluster {
             let config = WorkerConfig {
                 coordinator_url: url.clone(),
                 name: name.clone(),
-                devices: devices.clone(),
+                devices: slots.devices.clone(),
+                cuda_ordinals: slots.cuda_ordinals.clone(),
                 work_dir,
                 rank_command: rank_command.clone(),
             };

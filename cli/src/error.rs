@@ -87,11 +87,19 @@ pub fn one_line(err: &anyhow::Error) -> String {
     out
 }
 
-/// The process exit code for an error: 2 for bad input, 1 otherwise.
+/// The process exit code for an error: 2 for bad input (a coordinator configuration
+/// error included), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.downcast_ref::<BadInput>().is_some() {
             return EXIT_BAD_INPUT;
+        }
+        // A coordinator that cannot start because of its configuration (a bad --objects
+        // URL, rejected object-store credentials, a missing bucket).
+        if let Some(coord) = cause.downcast_ref::<trainyard_coordinator::CoordinatorError>() {
+            if coord.is_config_error() {
+                return EXIT_BAD_INPUT;
+            }
         }
         if let Some(rpc) = cause.downcast_ref::<RpcError>() {
             return match rpc.code {
@@ -144,5 +152,23 @@ mod tests {
         let e = rpc(tonic::Status::unavailable("connection refused"));
         assert_eq!(exit_code(&e), EXIT_FAILURE);
         assert_eq!(exit_code(&anyhow::anyhow!("job failed")), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn coordinator_config_errors_exit_2() {
+        use trainyard_coordinator::CoordinatorError;
+        let e = anyhow::Error::new(CoordinatorError::Config("bad".into())).context("starting");
+        assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
+        let unsupported = match trainyard_worker::objects::open_objects("ftp://host/x") {
+            Err(e) => e,
+            Ok(_) => panic!("ftp:// must be refused"),
+        };
+        let bad_url = CoordinatorError::from(unsupported);
+        assert_eq!(
+            exit_code(&anyhow::Error::new(bad_url).context("starting")),
+            EXIT_BAD_INPUT
+        );
+        let e = anyhow::Error::new(CoordinatorError::Task("panicked".into()));
+        assert_eq!(exit_code(&e), EXIT_FAILURE);
     }
 }

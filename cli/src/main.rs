@@ -53,6 +53,8 @@ fn main() -> ExitCode {
     let default_filter = match &cli.command {
         // `run` draws a progress bar: the in-process cluster's info logs would bury it.
         Command::Run(_) => QUIET_FILTER,
+        // gpu-check prints tables on stdout; only warnings on stderr.
+        Command::GpuCheck(_) => QUIET_FILTER,
         _ => DEFAULT_FILTER,
     };
     init_logging(cli.log_format, default_filter);
@@ -91,5 +93,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::JobTypes(a) => cmd::job_types::run(url, a).await,
         Command::Local(a) => cmd::local::run(a).await,
         Command::Run(a) => cmd::run::run(a).await,
+        Command::GpuCheck(a) => cmd::gpu_check::run(a).await,
+        Command::Data(a) => cmd::data::run(a).await,
     }
 }

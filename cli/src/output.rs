@@ -10,9 +10,10 @@ use anyhow::Result;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use serde_json::{json, Map, Value};
+use trainyard_coordinator::validate::effective_checkpoint_policy;
 use trainyard_proto::{
-    CheckpointInfo, ConfigKey, Device, DeviceUse, Job, JobSpec, JobState, JobType, RankPlacement,
-    ResultTable, Transition, Worker, WorkerState,
+    CheckpointInfo, CheckpointPolicy, ConfigKey, Device, DeviceUse, Job, JobSpec, JobState,
+    JobType, RankPlacement, ResultTable, Transition, Worker, WorkerState,
 };
 
 use crate::args::OutputFormat;
@@ -59,7 +60,18 @@ fn metrics_json(m: &HashMap<String, f64>) -> Value {
     Value::Object(out)
 }
 
-/// JSON of a job spec.
+/// JSON of a checkpoint policy.
+pub fn checkpoint_policy_json(p: &CheckpointPolicy) -> Value {
+    json!({
+        "keep_latest": p.keep_latest,
+        "keep_best": p.keep_best,
+        "best_metric": p.best_metric,
+        "higher_is_better": p.higher_is_better,
+        "commit_timeout_s": p.commit_timeout_s,
+    })
+}
+
+/// JSON of a job spec; `checkpoints` is the policy in effect (defaults filled in).
 pub fn spec_json(s: &JobSpec) -> Value {
     json!({
         "job": s.job,
@@ -71,7 +83,24 @@ pub fn spec_json(s: &JobSpec) -> Value {
         "max_restarts": s.max_restarts,
         "device_kind": s.device_kind,
         "grace_period_s": s.grace_period_s,
+        "checkpoints": checkpoint_policy_json(&effective_checkpoint_policy(s)),
+        "from_checkpoint": s.from_checkpoint,
     })
+}
+
+/// One line saying what a checkpoint policy keeps:
+/// `keep latest 3, best 2 by odenet/test_acc (max); commit timeout 600 s`.
+pub fn checkpoint_policy_text(p: &CheckpointPolicy) -> String {
+    let mut out = format!("keep latest {}", p.keep_latest);
+    if p.keep_best > 0 {
+        let mode = if p.higher_is_better { "max" } else { "min" };
+        out.push_str(&format!(
+            ", best {} by {} ({mode})",
+            p.keep_best, p.best_metric
+        ));
+    }
+    out.push_str(&format!("; commit timeout {} s", p.commit_timeout_s));
+    out
 }
 
 /// JSON of a state transition.
@@ -388,6 +417,18 @@ pub fn describe_text(j: &Job) -> String {
                 None => "-".into(),
             },
         ),
+        (
+            "Checkpoint policy",
+            checkpoint_policy_text(&effective_checkpoint_policy(&spec)),
+        ),
+        (
+            "From",
+            if spec.from_checkpoint.is_empty() {
+                "-".into()
+            } else {
+                format!("checkpoint {}", spec.from_checkpoint)
+            },
+        ),
     ];
     out.push_str(&kv_table(&rows).trim_fmt());
     out.push('\n');
@@ -471,14 +512,16 @@ pub fn result_text(r: &ResultTable) -> String {
     out
 }
 
-/// Devices in compact form: `4×cpu`, `2×gpu (emulated)`.
+/// Devices in compact form: `4×cpu`, `2×gpu (emulated)`, `1×gpu (NVIDIA H100 80GB HBM3, 79.6 GiB)`.
 pub fn devices_summary(devices: &[Device]) -> String {
     let mut groups: Vec<(String, usize)> = Vec::new();
     for d in devices {
         let label = if d.emulated {
             format!("{} (emulated)", d.kind)
-        } else {
+        } else if d.model.is_empty() {
             d.kind.clone()
+        } else {
+            format!("{} ({})", d.kind, d.model)
         };
         match groups.iter_mut().find(|(l, _)| *l == label) {
             Some((_, n)) => *n += 1,
@@ -635,6 +678,33 @@ mod tests {
     }
 
     #[test]
+    fn the_checkpoint_policy_is_shown() {
+        let mut j = sample_job();
+        if let Some(spec) = j.spec.as_mut() {
+            spec.checkpoints = Some(CheckpointPolicy {
+                keep_latest: 2,
+                keep_best: 1,
+                best_metric: "odenet/test_acc".into(),
+                higher_is_better: true,
+                commit_timeout_s: 0,
+            });
+            spec.from_checkpoint = "job-a/40".into();
+        }
+        let d = describe_text(&j);
+        assert!(
+            d.contains("keep latest 2, best 1 by odenet/test_acc (max); commit timeout 600 s"),
+            "{d}"
+        );
+        assert!(d.contains("checkpoint job-a/40"), "{d}");
+        let v = job_json(&j);
+        assert_eq!(v["spec"]["checkpoints"]["keep_latest"], 2);
+        assert_eq!(v["spec"]["checkpoints"]["best_metric"], "odenet/test_acc");
+        assert_eq!(v["spec"]["checkpoints"]["higher_is_better"], true);
+        assert_eq!(v["spec"]["checkpoints"]["commit_timeout_s"], 600);
+        assert_eq!(v["spec"]["from_checkpoint"], "job-a/40");
+    }
+
+    #[test]
     fn yaml_and_json_render() {
         let v = job_json(&sample_job());
         let y = serde_yaml::to_string(&v).unwrap();
@@ -663,6 +733,10 @@ mod tests {
             d.contains("jobs/j-1/checkpoints/7") && d.contains("acc"),
             "{d}"
         );
+        assert!(
+            d.contains("keep latest 3; commit timeout 600 s"),
+            "the default policy: {d}"
+        );
         assert_eq!(fmt_metric(3.0), "3");
         assert_eq!(fmt_metric(0.12345), "0.1235");
         assert_eq!(truncate("abcdef", 4), "abc…");
@@ -681,5 +755,11 @@ mod tests {
             "2×cpu"
         );
         assert_eq!(devices_summary(&[d(0, "gpu", true)]), "1×gpu (emulated)");
+        let mut h100 = d(1, "gpu", false);
+        h100.model = "NVIDIA H100 80GB HBM3, 79.6 GiB".into();
+        assert_eq!(
+            devices_summary(&[d(0, "cpu", false), h100]),
+            "1×cpu, 1×gpu (NVIDIA H100 80GB HBM3, 79.6 GiB)"
+        );
     }
 }

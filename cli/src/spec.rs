@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde::Deserialize;
-use trainyard_proto::JobSpec;
+use trainyard_proto::{CheckpointPolicy, JobSpec};
 
 use crate::args::SpecArgs;
 use crate::error::bad_input;
@@ -33,6 +33,29 @@ pub struct SpecFile {
     pub device_kind: Option<String>,
     /// Cancel grace period in seconds.
     pub grace_period_s: Option<u32>,
+    /// Checkpoint retention and upload limits.
+    pub checkpoints: Option<CheckpointsFile>,
+    /// Start from another job's committed checkpoint, `<job-id>/<step>`.
+    pub from_checkpoint: Option<String>,
+}
+
+/// The `checkpoints:` section of a spec file (the fields of `CheckpointPolicy`, plus
+/// `best_mode: max|min` as on the command line).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointsFile {
+    /// Newest committed checkpoints kept.
+    pub keep_latest: Option<u32>,
+    /// Best committed checkpoints kept, by `best_metric`.
+    pub keep_best: Option<u32>,
+    /// The metric that ranks checkpoints.
+    pub best_metric: Option<String>,
+    /// `max` or `min`: whether a higher or a lower `best_metric` is better.
+    pub best_mode: Option<String>,
+    /// The same as `best_mode`, as a boolean (the API's field).
+    pub higher_is_better: Option<bool>,
+    /// Seconds of failing uploads before an attempt fails.
+    pub commit_timeout_s: Option<u32>,
 }
 
 impl SpecFile {
@@ -129,8 +152,80 @@ pub fn merge(file: SpecFile, args: &SpecArgs) -> Result<JobSpec> {
             .or(file.device_kind)
             .unwrap_or_default(),
         grace_period_s: args.grace_period.or(file.grace_period_s).unwrap_or(0),
+        checkpoints: checkpoint_policy(file.checkpoints, args)?,
+        from_checkpoint: args
+            .from_checkpoint
+            .clone()
+            .or(file.from_checkpoint)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
     };
     validate(spec)
+}
+
+/// `max` -> higher is better, `min` -> lower is better; `field` names it in the error.
+fn parse_best_mode(field: &str, mode: &str) -> Result<bool> {
+    match mode.trim().to_ascii_lowercase().as_str() {
+        "max" => Ok(true),
+        "min" => Ok(false),
+        other => Err(bad_input(format!(
+            "{field}: {other:?} is not a mode (use max when a higher value is better, min when \
+             a lower one is)"
+        ))),
+    }
+}
+
+/// The checkpoint policy of the spec file's `checkpoints:` section and the flags (flags win,
+/// field by field); `None` when neither sets anything (the coordinator's defaults).
+fn checkpoint_policy(
+    file: Option<CheckpointsFile>,
+    args: &SpecArgs,
+) -> Result<Option<CheckpointPolicy>> {
+    let file = file.unwrap_or_default();
+    let file_higher = match (&file.best_mode, file.higher_is_better) {
+        (Some(mode), higher) => {
+            let from_mode = parse_best_mode("spec.checkpoints.best_mode", mode)?;
+            if higher.is_some_and(|h| h != from_mode) {
+                return Err(bad_input(format!(
+                    "spec.checkpoints.best_mode: {mode:?} contradicts higher_is_better: {}",
+                    !from_mode
+                )));
+            }
+            Some(from_mode)
+        }
+        (None, higher) => higher,
+    };
+    let flag_higher = match &args.best_mode {
+        Some(mode) => Some(parse_best_mode("--best-mode", mode)?),
+        None => None,
+    };
+    let keep_latest = args.keep_checkpoints.or(file.keep_latest);
+    let keep_best = args.keep_best.or(file.keep_best);
+    let best_metric = args.best_metric.clone().or(file.best_metric);
+    let higher = flag_higher.or(file_higher);
+    let commit_timeout_s = args.checkpoint_commit_timeout.or(file.commit_timeout_s);
+    if keep_latest.is_none()
+        && keep_best.is_none()
+        && best_metric.is_none()
+        && higher.is_none()
+        && commit_timeout_s.is_none()
+    {
+        return Ok(None);
+    }
+    if keep_latest == Some(0) {
+        return Err(bad_input(
+            "spec.checkpoints.keep_latest: must be at least 1 (the newest committed checkpoint \
+             is always kept)",
+        ));
+    }
+    Ok(Some(CheckpointPolicy {
+        keep_latest: keep_latest.unwrap_or(0),
+        keep_best: keep_best.unwrap_or(0),
+        best_metric: best_metric.unwrap_or_default().trim().to_string(),
+        higher_is_better: higher.unwrap_or(false),
+        commit_timeout_s: commit_timeout_s.unwrap_or(0),
+    }))
 }
 
 /// Checks a spec against this binary's registry the way the coordinator will, and fills
@@ -183,6 +278,15 @@ pub fn validate(mut spec: JobSpec) -> Result<JobSpec> {
             "spec.device_kind: {:?} is not a device kind (use cpu or gpu, or leave it out for any)",
             spec.device_kind
         )));
+    }
+    // The same checks as the coordinator's (one implementation); whether the job and its
+    // checkpoint exist is the coordinator's to say.
+    if let Some(policy) = &spec.checkpoints {
+        trainyard_coordinator::validate::validate_checkpoint_policy(policy).map_err(bad_input)?;
+    }
+    if !spec.from_checkpoint.is_empty() {
+        trainyard_coordinator::validate::CheckpointRef::parse(&spec.from_checkpoint)
+            .map_err(bad_input)?;
     }
     Ok(spec)
 }
@@ -251,6 +355,107 @@ mod tests {
         assert_eq!(s.priority, 9);
         assert_eq!(s.config.get("epochs").map(String::as_str), Some("2"));
         assert_eq!(s.config.get("augment").map(String::as_str), Some("false"));
+    }
+
+    #[test]
+    fn checkpoint_flags_and_file_keys_build_the_policy() {
+        // Nothing set: the coordinator's defaults.
+        let s = build_spec(&args("neural-ode", &[])).unwrap();
+        assert_eq!(s.checkpoints, None);
+        assert_eq!(s.from_checkpoint, "");
+
+        let mut a = args("neural-ode", &[]);
+        a.keep_checkpoints = Some(2);
+        a.keep_best = Some(1);
+        a.best_metric = Some("odenet/test_acc".into());
+        a.best_mode = Some("max".into());
+        a.checkpoint_commit_timeout = Some(120);
+        a.from_checkpoint = Some("job-mwykvvix10a2/40".into());
+        let s = build_spec(&a).unwrap();
+        assert_eq!(
+            s.checkpoints,
+            Some(CheckpointPolicy {
+                keep_latest: 2,
+                keep_best: 1,
+                best_metric: "odenet/test_acc".into(),
+                higher_is_better: true,
+                commit_timeout_s: 120,
+            })
+        );
+        assert_eq!(s.from_checkpoint, "job-mwykvvix10a2/40");
+
+        // The file's keys, with a flag winning field by field.
+        let file = SpecFile::parse(
+            "s.yaml",
+            "job: neural-ode\nfrom_checkpoint: job-a/7\ncheckpoints:\n  keep_latest: 4\n  \
+             keep_best: 2\n  best_metric: loss\n  best_mode: min\n  commit_timeout_s: 30\n",
+        )
+        .unwrap();
+        let a = SpecArgs {
+            keep_best: Some(3),
+            ..Default::default()
+        };
+        let s = merge(file, &a).unwrap();
+        let p = s.checkpoints.unwrap();
+        assert_eq!(
+            (p.keep_latest, p.keep_best, p.best_metric.as_str()),
+            (4, 3, "loss")
+        );
+        assert!(!p.higher_is_better);
+        assert_eq!(p.commit_timeout_s, 30);
+        assert_eq!(s.from_checkpoint, "job-a/7");
+        let file = SpecFile::parse(
+            "s.json",
+            r#"{"job": "neural-ode", "checkpoints": {"keep_best": 1, "best_metric": "acc", "higher_is_better": true}}"#,
+        )
+        .unwrap();
+        assert!(
+            merge(file, &SpecArgs::default())
+                .unwrap()
+                .checkpoints
+                .unwrap()
+                .higher_is_better
+        );
+    }
+
+    #[test]
+    fn bad_checkpoint_settings_name_the_field() {
+        let mut a = args("neural-ode", &[]);
+        a.keep_best = Some(2);
+        let m = msg(build_spec(&a));
+        assert!(
+            m.starts_with("spec.checkpoints.best_metric: required when keep_best > 0"),
+            "{m}"
+        );
+        let mut a = args("neural-ode", &[]);
+        a.keep_checkpoints = Some(0);
+        assert!(msg(build_spec(&a)).starts_with("spec.checkpoints.keep_latest: "));
+        let mut a = args("neural-ode", &[]);
+        a.keep_checkpoints = Some(100_000);
+        assert!(msg(build_spec(&a)).starts_with("spec.checkpoints.keep_latest: "));
+        let mut a = args("neural-ode", &[]);
+        a.from_checkpoint = Some("job-a".into());
+        assert!(msg(build_spec(&a)).starts_with("spec.from_checkpoint: "));
+        let file = SpecFile::parse(
+            "s.yaml",
+            "job: neural-ode\ncheckpoints:\n  best_mode: biggest\n",
+        )
+        .unwrap();
+        let m = msg(merge(file, &SpecArgs::default()));
+        assert!(m.starts_with("spec.checkpoints.best_mode: "), "{m}");
+        let file = SpecFile::parse(
+            "s.yaml",
+            "job: neural-ode\ncheckpoints:\n  best_mode: max\n  higher_is_better: false\n",
+        )
+        .unwrap();
+        let m = msg(merge(file, &SpecArgs::default()));
+        assert!(m.contains("contradicts"), "{m}");
+        let e = SpecFile::parse(
+            "s.yaml",
+            "job: neural-ode\ncheckpoints:\n  keep_lastest: 2\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("keep_lastest"), "{e}");
     }
 
     #[test]

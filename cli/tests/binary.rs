@@ -45,10 +45,44 @@ fn help_lists_the_commands_but_not_rank() {
         "job-types",
         "local",
         "run",
+        "gpu-check",
     ] {
         assert!(out.contains(cmd), "--help lacks {cmd}:\n{out}");
     }
     assert!(!out.contains("  rank "), "rank should be hidden:\n{out}");
+}
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn gpu_check_without_cuda_says_so_and_exits_2() {
+    let o = trainyard(&["gpu-check"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("no cuda support"), "{out}");
+    // bad arguments are bad input (2) too, and name the flag
+    let o = trainyard(&["gpu-check", "--batches", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--batches"), "{}", stderr(&o));
+}
+
+#[test]
+fn worker_gpu_devices_without_cuda_name_the_feature() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let o = trainyard(&[
+        "worker",
+        "--devices",
+        "gpu:0",
+        "--coordinator",
+        &closed_port_url(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--devices") && err.contains("built without cuda"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -89,6 +123,22 @@ fn bad_submissions_fail_with_2_before_contacting_anyone() {
             "spec.config.nope",
         ),
         (&["submit", "neural-ode", "--ranks", "1000"], "spec.ranks"),
+        (
+            &["submit", "neural-ode", "--keep-best", "2"],
+            "spec.checkpoints.best_metric: required when keep_best > 0",
+        ),
+        (
+            &["submit", "neural-ode", "--keep-checkpoints", "0"],
+            "spec.checkpoints.keep_latest",
+        ),
+        (
+            &["submit", "neural-ode", "--best-mode", "biggest"],
+            "--best-mode",
+        ),
+        (
+            &["submit", "neural-ode", "--from-checkpoint", "job-a"],
+            "spec.from_checkpoint",
+        ),
         (
             &["submit", "neural-ode", "--priority", "high"],
             "--priority",

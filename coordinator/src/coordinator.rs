@@ -20,12 +20,14 @@ use trainyard_proto::{
     RegisterWorkerResponse, Transition, Worker, WorkerState,
 };
 
+use crate::durable::{self, Record, Sink, StoredHistory};
 use crate::leader::Leadership;
+use crate::retention::RetentionQueue;
 use crate::state::{
     self, cancel_ranks, now_unix_ms, CommandReceiver, JobEntry, SlotUse, State, WorkerEntry,
 };
 use crate::store::{JobQuery, StateStore, StoreError};
-use crate::validate::validate_spec;
+use crate::validate::{validate_spec, CheckpointRef};
 
 /// Default and largest page size of `ListJobs`.
 const DEFAULT_PAGE: usize = 100;
@@ -99,7 +101,29 @@ pub struct Settings {
     pub heartbeat_timeout: Duration,
     /// Object-store URL handed to workers.
     pub objects_url: String,
+    /// A checkpoint folder without a manifest, outside the index and not of the job's
+    /// current attempt, is deleted once its newest object is this old (default 1 h).
+    pub orphan_checkpoint_age: Duration,
+    /// A finished job's in-memory entry (and event history) is dropped this long after it
+    /// ended, once its history is in the object store (default 60 s); watches then read
+    /// the history back from there.
+    pub finished_history_kept: Duration,
 }
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            objects_url: String::new(),
+            orphan_checkpoint_age: crate::retention::ORPHAN_CHECKPOINT_AGE,
+            finished_history_kept: FINISHED_HISTORY_KEPT,
+        }
+    }
+}
+
+/// Default of [`Settings::finished_history_kept`].
+pub const FINISHED_HISTORY_KEPT: Duration = Duration::from_secs(60);
 
 /// A stream of job events for `WatchJob`.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
@@ -116,6 +140,12 @@ pub struct Coordinator {
     pub wake: Notify,
     /// Who leads (see [`crate::leader`]); only the leader schedules and writes.
     pub leadership: watch::Receiver<Leadership>,
+    /// The object store (checkpoints, durable history), when one is configured.
+    pub objects: Option<trainyard_objects::Objects>,
+    /// Where the leader sends job logs, metrics and results for the object store.
+    durable: Option<Sink>,
+    /// Where the leader queues jobs for checkpoint retention.
+    retention: Option<RetentionQueue>,
     last_id_ms: AtomicI64,
     closing: AtomicBool,
     /// Set once the leader has reconciled from the store; until then it refuses writes.
@@ -177,6 +207,9 @@ impl Coordinator {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             leadership: crate::leader::single_node(""),
+            objects: None,
+            durable: None,
+            retention: None,
             last_id_ms: AtomicI64::new(0),
             closing: AtomicBool::new(false),
             ready: AtomicBool::new(false),
@@ -188,6 +221,33 @@ impl Coordinator {
     pub fn with_leadership(mut self, leadership: watch::Receiver<Leadership>) -> Self {
         self.leadership = leadership;
         self
+    }
+
+    /// The same coordinator with an object store: `durable` receives job logs, metrics and
+    /// results ([`crate::durable`]), `retention` the jobs whose checkpoints to prune
+    /// ([`crate::retention::run`] serves it).
+    pub fn with_objects(
+        mut self,
+        objects: trainyard_objects::Objects,
+        durable: Sink,
+        retention: RetentionQueue,
+    ) -> Self {
+        self.objects = Some(objects);
+        self.durable = Some(durable);
+        self.retention = Some(retention);
+        self
+    }
+
+    /// The durable history writer, if there is an object store.
+    pub fn durable(&self) -> Option<&Sink> {
+        self.durable.as_ref()
+    }
+
+    /// Queues a checkpoint retention run for `job_id` (if there is an object store).
+    pub fn request_retention(&self, job_id: &str) {
+        if let Some(q) = &self.retention {
+            q.request(job_id);
+        }
     }
 
     /// The current term if this coordinator leads, else [`OpError::NotLeader`].
@@ -245,6 +305,10 @@ impl Coordinator {
     /// coordinator fails instead of landing unfenced.
     pub async fn step_down(&self) {
         self.ready.store(false, Ordering::SeqCst);
+        // A deposed leader writes no history either: the new leader continues it.
+        if let Some(sink) = &self.durable {
+            sink.discard_all();
+        }
         let mut st = self.state.lock().await;
         *st = State::default();
         tracing::info!("stepped down: scheduling stopped, worker streams closed");
@@ -305,6 +369,12 @@ impl Coordinator {
                 })
                 .await?;
             for job in page.jobs {
+                // Finish retention work a previous leader may have left undone.
+                if job.latest_checkpoint.is_some() {
+                    if let Some(q) = &self.retention {
+                        q.request(&job.id);
+                    }
+                }
                 let mut entry = JobEntry::new(job);
                 if matches!(entry.job.state(), JobState::Scheduled | JobState::Running) {
                     entry.orphaned = true;
@@ -344,6 +414,11 @@ impl Coordinator {
         self.require_leader()?;
         let valid =
             validate_spec(trainyard_jobs::registry(), spec).map_err(OpError::InvalidArgument)?;
+        if !valid.spec.from_checkpoint.is_empty() {
+            let from = CheckpointRef::parse(&valid.spec.from_checkpoint)
+                .map_err(OpError::InvalidArgument)?;
+            self.check_from_checkpoint(&valid.spec, &from).await?;
+        }
         // The first waiting reason is what placing this job alone on the cluster as it is
         // says: usually exactly what the scheduler's next pass says, so that pass has no
         // reason to write back (see `scheduler::pass`).
@@ -387,9 +462,69 @@ impl Coordinator {
             .lock()
             .await
             .jobs
-            .insert(stored.id.clone(), JobEntry::new(stored.clone()));
+            .insert(stored.id.clone(), JobEntry::submitted(stored.clone()));
         self.wake.notify_one();
         Ok(stored)
+    }
+
+    /// `spec.from_checkpoint` must name a committed checkpoint (in the index, its manifest
+    /// in the object store) of an existing job of the same type.
+    async fn check_from_checkpoint(
+        &self,
+        spec: &trainyard_proto::JobSpec,
+        from: &CheckpointRef,
+    ) -> Result<(), OpError> {
+        let bad = |why: String| OpError::InvalidArgument(format!("spec.from_checkpoint: {why}"));
+        let source = self
+            .store
+            .get_job(&from.job_id)
+            .await?
+            .ok_or_else(|| bad(format!("job {} not found", from.job_id)))?;
+        let kind = source.spec.map(|s| s.job).unwrap_or_default();
+        if kind != spec.job {
+            return Err(bad(format!(
+                "job {} is a \"{kind}\" job and this one is \"{}\": a checkpoint restores only \
+                 into a job of the same type",
+                from.job_id, spec.job
+            )));
+        }
+        let committed = self.store.list_checkpoints(&from.job_id).await?;
+        let Some(record) = committed.iter().find(|c| c.step == from.step) else {
+            let steps: Vec<String> = committed.iter().map(|c| c.step.to_string()).collect();
+            return Err(bad(if steps.is_empty() {
+                format!("job {} has no committed checkpoint", from.job_id)
+            } else {
+                format!(
+                    "job {} has no committed checkpoint at step {} (committed steps: {})",
+                    from.job_id,
+                    from.step,
+                    steps.join(", ")
+                )
+            }));
+        };
+        if let Some(objects) = &self.objects {
+            let dir = if record.path.is_empty() {
+                from.path()
+            } else {
+                record.path.clone()
+            };
+            let manifest = format!("{dir}/{}", crate::retention::MANIFEST_FILE);
+            match objects.head(&manifest).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(bad(format!(
+                        "checkpoint {from} is listed but its manifest {manifest} is gone from \
+                         the object store (deleted by retention?)"
+                    )))
+                }
+                Err(e) => {
+                    return Err(OpError::Unavailable(format!(
+                        "spec.from_checkpoint: cannot check checkpoint {from}: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure a job is tracked in memory (loading it from the store).
@@ -405,7 +540,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The job, with its latest (possibly not yet flushed) metrics.
+    /// The job, with its latest (possibly not yet flushed) metrics. A succeeded job whose
+    /// record lacks its results table gets it from `results.json` in the object store.
     pub async fn get_job(&self, id: &str) -> Result<Job, OpError> {
         {
             let st = self.state.lock().await;
@@ -413,10 +549,22 @@ impl Coordinator {
                 return Ok(e.job.clone());
             }
         }
-        self.store
+        let mut job = self
+            .store
             .get_job(id)
             .await?
-            .ok_or_else(|| OpError::NotFound(format!("job {id} not found")))
+            .ok_or_else(|| OpError::NotFound(format!("job {id} not found")))?;
+        if job.result.is_none() && job.state() == JobState::Succeeded {
+            if let Some(objects) = &self.objects {
+                match durable::read_results(objects, id).await {
+                    Ok(r) => job.result = r,
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "reading results.json failed")
+                    }
+                }
+            }
+        }
+        Ok(job)
     }
 
     /// Jobs by state, paged (the page token is the last id of the previous page).
@@ -497,10 +645,17 @@ impl Coordinator {
     }
 
     /// The job's history, then (if `follow`) live events until it ends.
+    ///
+    /// The leader serves a job's history from memory; when memory does not hold all of it
+    /// (after a restart or a failover, after the entry of a finished job was dropped, or
+    /// when the history was bounded) it merges the logs and metrics of the object store
+    /// ([`crate::durable`]) in. A follower serves the history of the store and the object
+    /// store, and sends `follow` of a live job to the leader (live events are there).
     pub async fn watch(&self, id: &str, follow: bool) -> Result<EventStream, OpError> {
         self.check_open()?;
-        // Event history lives in the leader's memory.
-        self.require_leader()?;
+        if !self.is_leader() {
+            return self.watch_stored(id, follow).await;
+        }
         let mut st = self.state.lock().await;
         self.ensure_tracked(&mut st, id).await?;
         let entry = st
@@ -509,21 +664,86 @@ impl Coordinator {
             .ok_or_else(|| OpError::Internal(format!("job {id} vanished")))?;
         let (history, last_n, rx) = entry.history.snapshot();
         let follow = follow && !entry.job.state().is_terminal();
+        let partial = (!entry.history.is_complete())
+            .then(|| (entry.history.id().to_string(), entry.history.first_kept_n()));
         drop(st);
+        let history = match (partial, &self.objects) {
+            (Some((history_id, first_kept)), Some(objects)) => {
+                match durable::read_history(objects, id).await {
+                    Ok(stored) => merge_history(history, stored, Some((&history_id, first_kept))),
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "reading the job's history from the object store failed; serving memory only");
+                        history
+                    }
+                }
+            }
+            _ => history,
+        };
         let history = futures::stream::iter(history.into_iter().map(Ok));
         let stream: EventStream = if follow {
             Box::pin(history.chain(live_events(rx, last_n)))
         } else {
             Box::pin(history)
         };
-        let mut seq = 0u64;
-        Ok(Box::pin(stream.map(move |item| {
-            item.map(|mut ev| {
-                ev.seq = seq;
-                seq += 1;
-                ev
+        Ok(numbered(stream))
+    }
+
+    /// A job's history from the state store (transitions, checkpoints, results) and the
+    /// object store (logs, metrics), without the leader's memory.
+    async fn watch_stored(&self, id: &str, follow: bool) -> Result<EventStream, OpError> {
+        let job = self
+            .store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| OpError::NotFound(format!("job {id} not found")))?;
+        if follow && !job.state().is_terminal() {
+            // Live events reach only the leader.
+            let leader = self.leadership.borrow().leader_addr.clone();
+            return Err(OpError::NotLeader(leader));
+        }
+        let mut base: Vec<JobEvent> = job
+            .transitions
+            .iter()
+            .map(|t| JobEvent {
+                seq: 0,
+                at_unix_ms: t.at_unix_ms,
+                kind: Some(job_event::Kind::Transition(t.clone())),
             })
-        })))
+            .collect();
+        for cp in self.store.list_checkpoints(id).await? {
+            base.push(JobEvent {
+                seq: 0,
+                at_unix_ms: cp.created_unix_ms,
+                kind: Some(job_event::Kind::Checkpoint(cp)),
+            });
+        }
+        let mut stored = StoredHistory::default();
+        let mut result = job.result.clone();
+        if let Some(objects) = &self.objects {
+            stored = durable::read_history(objects, id).await.map_err(|e| {
+                OpError::Unavailable(format!("reading the history of job {id}: {e}"))
+            })?;
+            if result.is_none() {
+                result = durable::read_results(objects, id)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(job = %id, error = %e, "reading results.json failed");
+                        None
+                    });
+            }
+        }
+        if let Some(r) = result {
+            let at = job.transitions.last().map(|t| t.at_unix_ms).unwrap_or(0);
+            base.push(JobEvent {
+                seq: 0,
+                at_unix_ms: at,
+                kind: Some(job_event::Kind::Result(r)),
+            });
+        }
+        let events = merge_history(base, stored, None);
+        Ok(numbered(Box::pin(futures::stream::iter(
+            events.into_iter().map(Ok),
+        ))))
     }
 
     /// A job's checkpoints from the store.
@@ -741,6 +961,7 @@ impl Coordinator {
                 .any(|p| p.rank == req.rank && p.worker_id == req.worker_id);
         let mut need_save = false;
         let mut wake = false;
+        let mut checkpointed = false;
         for ev in req.events {
             let at = if ev.at_unix_ms > 0 {
                 ev.at_unix_ms
@@ -813,9 +1034,18 @@ impl Coordinator {
                         RankState::Starting | RankState::Unspecified => {}
                     }
                 }
-                rank_event::Kind::Log(l) => entry.history.push(at, job_event::Kind::Log(l)),
+                rank_event::Kind::Log(l) => match &self.durable {
+                    Some(sink) => {
+                        let n = entry.history.push(at, job_event::Kind::Log(l.clone()));
+                        sink.record(&req.job_id, Record::log(entry.history.id(), n, at, &l));
+                        entry.durable_sent += 1;
+                    }
+                    None => {
+                        entry.history.push(at, job_event::Kind::Log(l));
+                    }
+                },
                 rank_event::Kind::Progress(p) => {
-                    entry.history.push(at, job_event::Kind::Progress(p))
+                    entry.history.push(at, job_event::Kind::Progress(p));
                 }
                 rank_event::Kind::Metric(m) => {
                     for (k, v) in &m.values {
@@ -823,7 +1053,16 @@ impl Coordinator {
                     }
                     entry.job.latest_step = entry.job.latest_step.max(m.step);
                     entry.dirty = true;
-                    entry.history.push(at, job_event::Kind::Metric(m));
+                    match &self.durable {
+                        Some(sink) => {
+                            let n = entry.history.push(at, job_event::Kind::Metric(m.clone()));
+                            sink.record(&req.job_id, Record::metric(entry.history.id(), n, at, &m));
+                            entry.durable_sent += 1;
+                        }
+                        None => {
+                            entry.history.push(at, job_event::Kind::Metric(m));
+                        }
+                    }
                 }
                 rank_event::Kind::Checkpoint(mut cp) => {
                     if cp.job_id.is_empty() {
@@ -846,11 +1085,16 @@ impl Coordinator {
                         entry.job.latest_checkpoint = Some(cp.clone());
                     }
                     need_save = true;
+                    checkpointed = true;
                     entry.history.push(at, job_event::Kind::Checkpoint(cp));
                 }
                 rank_event::Kind::Result(r) => {
                     entry.job.result = Some(r.clone());
                     need_save = true;
+                    if let Some(sink) = &self.durable {
+                        sink.result(&req.job_id, entry.history.id(), r.clone());
+                        entry.durable_sent += 1;
+                    }
                     entry.history.push(at, job_event::Kind::Result(r));
                 }
             }
@@ -859,6 +1103,11 @@ impl Coordinator {
             save(self.store.as_ref(), entry).await?;
         }
         drop(guard);
+        if checkpointed {
+            if let Some(q) = &self.retention {
+                q.request(&req.job_id);
+            }
+        }
         if wake {
             self.wake.notify_one();
         }
@@ -931,6 +1180,68 @@ fn is_terminal_transition(ev: &JobEvent) -> bool {
     }
 }
 
+/// Numbers a watch's events from 0 (`JobEvent.seq`).
+fn numbered(stream: EventStream) -> EventStream {
+    let mut seq = 0u64;
+    Box::pin(stream.map(move |item| {
+        item.map(|mut ev| {
+            ev.seq = seq;
+            seq += 1;
+            ev
+        })
+    }))
+}
+
+/// Merges events held in memory with a job's durable logs and metrics in time order,
+/// keeping the order within each source (durable logs, durable metrics, memory's other
+/// events, memory's transitions: each is in arrival order, which timestamps from several
+/// processes need not follow); equal times take the sources in that order. Terminal
+/// transitions go last. `skip` = `(history id, first n kept)`: that history's records from
+/// `n` on are in memory already and are left out.
+pub fn merge_history(
+    memory: Vec<JobEvent>,
+    stored: StoredHistory,
+    skip: Option<(&str, u64)>,
+) -> Vec<JobEvent> {
+    use std::collections::VecDeque;
+    let keep = |history: &str, n: u64| match skip {
+        Some((id, first_kept)) => !(history == id && n >= first_kept),
+        None => true,
+    };
+    let logs: VecDeque<JobEvent> = stored
+        .logs
+        .into_iter()
+        .filter(|r| keep(&r.history, r.n))
+        .map(|r| Record::Log(r).to_event())
+        .collect();
+    let metrics: VecDeque<JobEvent> = stored
+        .metrics
+        .into_iter()
+        .filter(|r| keep(&r.history, r.n))
+        .map(|r| Record::Metric(r).to_event())
+        .collect();
+    let (transitions, others): (VecDeque<JobEvent>, VecDeque<JobEvent>) = memory
+        .into_iter()
+        .partition(|e| matches!(e.kind, Some(job_event::Kind::Transition(_))));
+    let mut sources = [logs, metrics, others, transitions];
+    let mut out = Vec::with_capacity(sources.iter().map(VecDeque::len).sum());
+    loop {
+        let next = sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.front().map(|e| (e.at_unix_ms, i)))
+            .min();
+        let Some((_, i)) = next else { break };
+        if let Some(e) = sources[i].pop_front() {
+            out.push(e);
+        }
+    }
+    let (mut rest, terminal): (Vec<JobEvent>, Vec<JobEvent>) =
+        out.into_iter().partition(|e| !is_terminal_transition(e));
+    rest.extend(terminal);
+    rest
+}
+
 /// Live events after `last_n`, ending after the job's terminal transition.
 fn live_events(
     rx: broadcast::Receiver<(u64, JobEvent)>,
@@ -962,6 +1273,118 @@ fn live_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trainyard_proto::LogLine;
+
+    fn ev(at: i64, kind: job_event::Kind) -> JobEvent {
+        JobEvent {
+            seq: 0,
+            at_unix_ms: at,
+            kind: Some(kind),
+        }
+    }
+
+    fn transition(at: i64, to: JobState) -> JobEvent {
+        ev(
+            at,
+            job_event::Kind::Transition(Transition {
+                from: 0,
+                to: to as i32,
+                at_unix_ms: at,
+                reason: String::new(),
+            }),
+        )
+    }
+
+    fn log_record(history: &str, n: u64, at: i64, line: &str) -> durable::LogRecord {
+        durable::LogRecord {
+            history: history.into(),
+            n,
+            at_unix_ms: at,
+            rank: 0,
+            stream: "stdout".into(),
+            line: line.into(),
+        }
+    }
+
+    fn describe(events: &[JobEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e.kind.as_ref() {
+                Some(job_event::Kind::Transition(t)) => format!("T:{}", t.to().short_name()),
+                Some(job_event::Kind::Log(l)) => format!("L:{}", l.line),
+                Some(job_event::Kind::Metric(m)) => format!("M:{}", m.step),
+                Some(job_event::Kind::Result(_)) => "R".into(),
+                Some(job_event::Kind::Checkpoint(c)) => format!("C:{}", c.step),
+                Some(job_event::Kind::Progress(_)) => "P".into(),
+                None => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merged_history_is_in_time_order_without_duplicates_and_ends_with_the_end() {
+        let stored = StoredHistory {
+            logs: vec![
+                log_record("old", 0, 10, "a"),
+                // Out of time order within its source: kept where it is.
+                log_record("old", 1, 9, "b"),
+                log_record("old", 2, 30, "c"),
+                // Written by the history in memory: shown from memory, not twice.
+                log_record("mine", 5, 40, "d"),
+                // Dropped from memory (n below the first kept): shown from the store.
+                log_record("mine", 2, 35, "x"),
+            ],
+            metrics: vec![durable::MetricRecord {
+                history: "old".into(),
+                n: 3,
+                at_unix_ms: 20,
+                rank: 0,
+                step: 7,
+                values: Default::default(),
+            }],
+            bad_lines: 0,
+        };
+        let memory = vec![
+            transition(1, JobState::Pending),
+            transition(5, JobState::Scheduled),
+            transition(50, JobState::Succeeded),
+            ev(
+                40,
+                job_event::Kind::Log(LogLine {
+                    rank: 0,
+                    stream: "stdout".into(),
+                    line: "d".into(),
+                }),
+            ),
+            ev(50, job_event::Kind::Result(Default::default())),
+        ];
+        let merged = merge_history(memory, stored, Some(("mine", 4)));
+        assert_eq!(
+            describe(&merged),
+            [
+                "T:PENDING",
+                "T:SCHEDULED",
+                "L:a",
+                "L:b",
+                "M:7",
+                "L:c",
+                "L:x",
+                "L:d",
+                "R",
+                "T:SUCCEEDED"
+            ]
+        );
+        // Without a memory history everything stored is shown.
+        let only = merge_history(
+            vec![],
+            StoredHistory {
+                logs: vec![log_record("h", 0, 1, "a"), log_record("h", 1, 2, "b")],
+                ..Default::default()
+            },
+            None,
+        );
+        assert_eq!(describe(&only), ["L:a", "L:b"]);
+    }
 
     #[test]
     fn base36_is_fixed_width_and_order_preserving() {

@@ -6,7 +6,9 @@
 //!   backends, and [`store::open`], which picks one from the store URL;
 //! - [`lifecycle`]: the job state machine;
 //! - [`scheduler::placement`]: placement as a pure function; [`scheduler`]: the loop;
-//! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters.
+//! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters;
+//! - [`retention`]: which checkpoints a job keeps, and the task that deletes the others;
+//! - [`durable`]: job logs, metrics and results in the object store.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), trainyard_coordinator::CoordinatorError> {
@@ -18,14 +20,19 @@
 //! ```
 
 pub mod coordinator;
+pub mod durable;
 pub mod job_types;
 pub mod leader;
 pub mod lifecycle;
+pub mod retention;
 pub mod scheduler;
 pub mod service;
 pub mod state;
 pub mod store;
 pub mod validate;
+
+#[cfg(test)]
+mod objects_tests;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -50,7 +57,9 @@ pub struct CoordinatorConfig {
     /// State store URL (see [`store::open`]): `file:///abs/path/state.redb` (embedded redb)
     /// or `etcd://host1:2379,host2:2379[/prefix]` (etcd).
     pub store_url: String,
-    /// Object store for checkpoints: `file:///abs/path/objects`.
+    /// Object store for checkpoints: `file:///abs/path/objects`, `s3://bucket/prefix`,
+    /// `gs://...` or `az://...` (see `trainyard_objects::config`). Probed at start; sent
+    /// to workers as is (credentials stay in each process's environment).
     pub objects_url: String,
     /// How often workers heartbeat (default 1 s).
     pub heartbeat_interval: Duration,
@@ -59,6 +68,14 @@ pub struct CoordinatorConfig {
     /// The address other coordinators, workers and clients reach this one at (`host:port`),
     /// published in the leader election; default: the bound listen address.
     pub advertise: Option<String>,
+    /// Age after which a checkpoint folder without a manifest (outside the index, not of
+    /// the job's current attempt) is deleted (default 1 h).
+    pub orphan_checkpoint_age: Duration,
+    /// How long a finished job's events stay in memory once written to the object store
+    /// (default 60 s).
+    pub finished_history_kept: Duration,
+    /// How job logs and metrics are written to the object store.
+    pub durable: durable::DurableOptions,
 }
 
 impl CoordinatorConfig {
@@ -71,6 +88,9 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             advertise: None,
+            orphan_checkpoint_age: retention::ORPHAN_CHECKPOINT_AGE,
+            finished_history_kept: coordinator::FINISHED_HISTORY_KEPT,
+            durable: durable::DurableOptions::default(),
         }
     }
 }
@@ -81,6 +101,10 @@ pub enum CoordinatorError {
     /// The configuration is unusable.
     #[error("invalid coordinator config: {0}")]
     Config(String),
+    /// The object store cannot be used: a bad URL, missing or rejected credentials, a
+    /// missing bucket, an unreachable endpoint (the start-up probe failed).
+    #[error(transparent)]
+    Objects(#[from] trainyard_objects::ObjectsError),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -100,15 +124,39 @@ pub enum CoordinatorError {
     Task(String),
 }
 
+impl CoordinatorError {
+    /// Whether the error is the configuration's fault (a bad setting or URL, rejected
+    /// credentials, a missing bucket): the CLI exits with code 2 for these.
+    pub fn is_config_error(&self) -> bool {
+        match self {
+            CoordinatorError::Config(_) => true,
+            CoordinatorError::Objects(e) => e.is_config_error(),
+            _ => false,
+        }
+    }
+}
+
 /// A running coordinator. Dropping the handle without [`CoordinatorHandle::wait`] or
 /// [`CoordinatorHandle::shutdown`] also stops the server (gracefully, in the background).
-#[derive(Debug)]
 pub struct CoordinatorHandle {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     scheduler: JoinHandle<()>,
     elector: Option<leader::Elector>,
+    durable: durable::Sink,
+    durable_task: JoinHandle<()>,
+    retention_task: JoinHandle<()>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    coord: Arc<Coordinator>,
+}
+
+impl std::fmt::Debug for CoordinatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a graceful shutdown waits for the server to drain.
@@ -118,6 +166,12 @@ impl CoordinatorHandle {
     /// The address the server listens on (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The coordinator behind the server (for in-process tests).
+    #[cfg(test)]
+    pub(crate) fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coord
     }
 
     /// Stops the server and the scheduler gracefully: open streams end, in-flight calls finish.
@@ -146,32 +200,25 @@ impl CoordinatorHandle {
             elector.stop().await;
         }
         let sched = self.scheduler.await;
+        let _ = self.retention_task.await;
+        // Job history accepted so far goes to the object store before we stop.
+        if !self.durable.flush(SHUTDOWN_GRACE).await {
+            tracing::warn!("not all job history reached the object store before shutdown");
+        }
+        self.durable_task.abort();
         served.map_err(|e| CoordinatorError::Task(e.to_string()))??;
         sched.map_err(|e| CoordinatorError::Task(e.to_string()))?;
         Ok(())
     }
 }
 
-/// Prepares the object store location (creates the folder of a `file://` URL).
-fn prepare_objects(url: &str) -> Result<(), CoordinatorError> {
-    if let Some(path) = url.strip_prefix("file://") {
-        if !path.starts_with('/') {
-            return Err(CoordinatorError::Config(format!(
-                "objects_url {url}: the path must be absolute"
-            )));
-        }
-        std::fs::create_dir_all(path).map_err(|e| {
-            CoordinatorError::Config(format!("objects_url {url}: cannot create the folder: {e}"))
-        })?;
-        Ok(())
-    } else if url.contains("://") {
-        // Other schemes (s3://...) are the workers' business.
-        Ok(())
-    } else {
-        Err(CoordinatorError::Config(format!(
-            "objects_url {url}: expected a URL such as file:///abs/path/objects"
-        )))
-    }
+/// Opens the object store through `trainyard-objects` (creating the folder of a `file://`
+/// URL) and probes it: a small object written, read back and deleted, so wrong
+/// credentials or a missing bucket fail the start, not a job an hour later.
+async fn prepare_objects(url: &str) -> Result<trainyard_objects::Objects, CoordinatorError> {
+    let objects = trainyard_objects::open_and_probe(url).await?;
+    tracing::info!(objects = %objects.url(), "object store probe passed");
+    Ok(objects)
 }
 
 /// Opens the store (waiting for etcd while it is unreachable), recovers unfinished jobs,
@@ -187,7 +234,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             "heartbeat_timeout must be longer than heartbeat_interval".into(),
         ));
     }
-    prepare_objects(&config.objects_url)?;
+    let objects = prepare_objects(&config.objects_url).await?;
     let (store, etcd) = match store::StoreUrl::parse(&config.store_url)? {
         store::StoreUrl::Etcd(cfg) => {
             let etcd = store::EtcdStore::connect(cfg).await?;
@@ -222,6 +269,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         }
         None => (None, leader::single_node(&advertise)),
     };
+    let (sink, durable_task) = durable::Sink::start(objects.clone(), config.durable);
+    let (retention_queue, retention_rx) = retention::RetentionQueue::new();
     let coord = Arc::new(
         Coordinator::new(
             store,
@@ -229,9 +278,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
                 heartbeat_interval: config.heartbeat_interval,
                 heartbeat_timeout: config.heartbeat_timeout,
                 objects_url: config.objects_url.clone(),
+                orphan_checkpoint_age: config.orphan_checkpoint_age,
+                finished_history_kept: config.finished_history_kept,
             },
         )
-        .with_leadership(leadership.clone()),
+        .with_leadership(leadership.clone())
+        .with_objects(objects, sink.clone(), retention_queue),
     );
     // A single node leads from the start: reconcile before serving. An elected leader
     // reconciles in the scheduler loop when it wins.
@@ -257,6 +309,11 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scheduler = tokio::spawn(scheduler::run(coord.clone(), shutdown_rx.clone(), leading));
+    let retention_task = tokio::spawn(retention::run(
+        coord.clone(),
+        retention_rx,
+        shutdown_rx.clone(),
+    ));
 
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -271,6 +328,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             coord: coord.clone(),
         }));
     let mut stop = shutdown_rx;
+    let handle_coord = coord.clone();
     let server = tokio::spawn(async move {
         let signal = async move {
             while !*stop.borrow() {
@@ -300,6 +358,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         server,
         scheduler,
         elector,
+        durable: sink,
+        durable_task,
+        retention_task,
+        coord: handle_coord,
     })
 }
 

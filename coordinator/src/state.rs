@@ -3,7 +3,9 @@
 //! current attempt, and the event history that `WatchJob` replays).
 //!
 //! Everything here is rebuilt from the state store and from worker re-registration after a
-//! restart, except the log/metric/progress history, which is kept in memory only.
+//! restart, except the log/metric/progress history: logs and metrics are also written to
+//! the object store ([`crate::durable`]) and read back from there when memory does not hold
+//! them (progress is not kept).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -102,8 +104,16 @@ impl WorkerEntry {
 
 /// A job's event history plus the live channel watchers subscribe to. Every event has an
 /// internal sequence number `n` (increasing); transitions are never dropped.
+///
+/// A history is *complete* when it was started with the job (submitted to this
+/// coordinator process) and has dropped nothing; otherwise (seeded from the store after a
+/// restart, on a new leader, after an eviction, or bounded) the watch merges it with the
+/// job's durable history in the object store. Its `id` tells the records it wrote there
+/// apart from other processes' (see [`crate::durable`]).
 #[derive(Debug)]
 pub struct History {
+    id: String,
+    complete: bool,
     transitions: Vec<(u64, JobEvent)>,
     events: VecDeque<(u64, JobEvent)>,
     next_n: u64,
@@ -114,8 +124,11 @@ pub struct History {
 
 impl History {
     /// A history seeded from a stored job: its transitions and result survive restarts.
+    /// It is not complete (see [`History::mark_complete`]).
     pub fn from_job(job: &Job) -> Self {
         let mut h = Self {
+            id: crate::durable::new_history_id(),
+            complete: false,
             transitions: Vec::new(),
             events: VecDeque::new(),
             next_n: 0,
@@ -134,6 +147,28 @@ impl History {
         h
     }
 
+    /// This history's id (in the durable records it writes).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Marks the history as holding every event of its job (a job submitted to this
+    /// process): watches are then served from memory alone while nothing is dropped.
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// Whether memory holds every event of the job (see [`History`]).
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// The lowest `n` of the non-transition events still in memory (`next_n` when none):
+    /// this history's durable records below it were dropped from memory.
+    pub fn first_kept_n(&self) -> u64 {
+        self.events.front().map(|(n, _)| *n).unwrap_or(self.next_n)
+    }
+
     /// Appends a transition event.
     pub fn push_transition(&mut self, t: Transition) {
         let n = self.next_n;
@@ -147,8 +182,9 @@ impl History {
         self.transitions.push((n, ev));
     }
 
-    /// Appends any other event (bounded: the oldest non-transition events are dropped).
-    pub fn push(&mut self, at_unix_ms: i64, kind: job_event::Kind) {
+    /// Appends any other event (bounded: the oldest non-transition events are dropped, and
+    /// the history is no longer complete). Returns the event's `n`.
+    pub fn push(&mut self, at_unix_ms: i64, kind: job_event::Kind) -> u64 {
         let n = self.next_n;
         self.next_n += 1;
         let ev = JobEvent {
@@ -158,9 +194,11 @@ impl History {
         };
         if self.events.len() >= HISTORY_LIMIT {
             self.events.pop_front();
+            self.complete = false;
         }
         self.publish(n, &ev);
         self.events.push_back((n, ev));
+        n
     }
 
     /// Sends an event to the live watchers, if there are any.
@@ -231,20 +269,36 @@ pub struct JobEntry {
     pub orphaned: bool,
     /// Ranks of an orphaned job that came back.
     pub adopted: HashSet<u32>,
+    /// Since when the job is terminal (in this process), for evicting its entry.
+    pub terminal_since: Option<Instant>,
+    /// Records (logs, metrics, results) of this history handed to the durable writer.
+    pub durable_sent: u64,
+    /// Whether the durable writer was told that the job ended.
+    pub durable_finished: bool,
 }
 
 impl JobEntry {
-    /// Tracks a job read from the store (or just created).
+    /// Tracks a job read from the store (or just created; see [`JobEntry::submitted`]).
     pub fn new(job: Job) -> Self {
         Self {
             history: History::from_job(&job),
+            terminal_since: job.state().is_terminal().then(Instant::now),
             job,
             dirty: false,
             last_flush: Instant::now(),
             ranks: HashMap::new(),
             orphaned: false,
             adopted: HashSet::new(),
+            durable_sent: 0,
+            durable_finished: false,
         }
+    }
+
+    /// Tracks a job just submitted to this process: its history is complete.
+    pub fn submitted(job: Job) -> Self {
+        let mut entry = Self::new(job);
+        entry.history.mark_complete();
+        entry
     }
 
     /// The job's gang size.
@@ -283,6 +337,9 @@ impl JobEntry {
             self.ranks.clear();
             self.orphaned = false;
             self.adopted.clear();
+        }
+        if state.is_terminal() && self.terminal_since.is_none() {
+            self.terminal_since = Some(Instant::now());
         }
     }
 }

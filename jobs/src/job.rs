@@ -69,10 +69,20 @@ pub trait JobContext {
     fn metrics(&self, step: u64, values: &[(&str, f64)]);
     /// Progress of a long stage, for progress bars (`done` of `total`).
     fn progress(&self, stage: &str, done: u64, total: u64);
-    /// True once the job has been asked to stop (cancel, preemption). A job checks it
-    /// at least once per step and returns [`JobError::Stopped`] (after a checkpoint if it likes).
+    /// True once the job has been asked to stop (cancel, preemption, or its checkpoints
+    /// can no longer be committed). A job checks it at least once per step and returns
+    /// [`JobError::Stopped`] (after a checkpoint if it likes).
     fn should_stop(&self) -> bool;
-    /// Saves a checkpoint; returns once it is committed (manifest written last).
+    /// Saves a checkpoint. Returns once the tensors are copied out of the model (to host
+    /// memory), so the job may keep training and change them at once; the checkpoint is
+    /// written in the background and counts once it is committed (its manifest written
+    /// last). The rank process keeps at most one upload in flight plus one queued: a save
+    /// while two are pending blocks until the older one commits, and the process waits
+    /// for pending uploads before it exits. An implementation may also commit before
+    /// returning (the in-memory test context does).
+    ///
+    /// Errors: the tensors cannot be copied, there is no object store, or uploads have
+    /// been failing for longer than the job's commit deadline (the attempt then fails).
     fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), JobError>;
     /// The checkpoint to resume from, if this attempt is a restart (or was started from one).
     /// Tensors are loaded onto `device`.
@@ -82,6 +92,21 @@ pub trait JobContext {
     ) -> Result<Option<Checkpoint>, JobError>;
     /// Publishes the final results table.
     fn results(&self, table: &ResultsTable);
+    /// The candle device this rank trains on: the CPU unless the rank was placed on a real
+    /// GPU and the binary was built with CUDA (feature `cuda`). A job creates its model,
+    /// batches and optimizer state there, and restores checkpoints onto it.
+    fn device(&self) -> Result<candle_core::Device, JobError> {
+        Ok(candle_core::Device::Cpu)
+    }
+}
+
+/// Describes a device for logs and tables: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// One trainable paper job.

@@ -3,7 +3,10 @@
 //!
 //! A job never talks to the network itself: everything it reports (logs, metrics,
 //! progress, checkpoints, the results table) goes through the [`JobContext`] the
-//! rank process hands it.
+//! rank process hands it, and so does the device it trains on ([`JobContext::device`]).
+//!
+//! Feature `cuda` builds candle's CUDA backend in, so a rank placed on a real GPU trains
+//! there; without it every job trains on the CPU.
 
 pub mod config;
 pub mod data;
@@ -16,5 +19,5 @@ pub mod testing;
 pub mod train;
 
 pub use config::{ConfigError, ConfigKey, ConfigKind, ConfigSchema, ResolvedConfig};
-pub use job::{Checkpoint, Job, JobContext, JobError, ResultsTable};
+pub use job::{device_name, Checkpoint, Job, JobContext, JobError, ResultsTable};
 pub use registry::{registry, Registry};

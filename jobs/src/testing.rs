@@ -40,6 +40,7 @@ pub struct MemoryContext {
     stop_after_checkpoints: Option<usize>,
     resume: Option<Checkpoint>,
     echo: bool,
+    device: candle_core::Device,
     recorded: Mutex<Recorded>,
 }
 
@@ -59,6 +60,7 @@ impl MemoryContext {
             stop_after_checkpoints: None,
             resume: None,
             echo: false,
+            device: candle_core::Device::Cpu,
             recorded: Mutex::new(Recorded::default()),
         }
     }
@@ -81,6 +83,12 @@ impl MemoryContext {
     /// Makes `should_stop()` true once `n` checkpoints have been saved.
     pub fn stop_after_checkpoints(mut self, n: usize) -> Self {
         self.stop_after_checkpoints = Some(n);
+        self
+    }
+
+    /// Makes `device()` return `device` (the CPU by default).
+    pub fn with_device(mut self, device: candle_core::Device) -> Self {
+        self.device = device;
         self
     }
 
@@ -228,6 +236,10 @@ impl JobContext for MemoryContext {
 
     fn results(&self, table: &ResultsTable) {
         self.lock().results = Some(table.clone());
+    }
+
+    fn device(&self) -> Result<candle_core::Device, JobError> {
+        Ok(self.device.clone())
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod ha;
+pub mod s3;
 
 /// Default time limit of one CLI command.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
@@ -196,6 +197,17 @@ pub struct Proc {
 
 impl Proc {
     pub(crate) fn spawn(name: &str, args: &[String], log_path: &Path, pipe_stdout: bool) -> Proc {
+        Proc::spawn_with_env(name, args, log_path, pipe_stdout, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub(crate) fn spawn_with_env(
+        name: &str,
+        args: &[String],
+        log_path: &Path,
+        pipe_stdout: bool,
+        env: &[(String, String)],
+    ) -> Proc {
         let bin = trainyard_bin();
         let log = File::create(log_path).expect("creating a process log file");
         let mut cmd = Command::new(&bin);
@@ -204,6 +216,9 @@ impl Proc {
             .stderr(log.try_clone().expect("cloning a log file handle"))
             .env_remove("TRAINYARD_COORDINATOR")
             .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         if pipe_stdout {
             cmd.stdout(Stdio::piped());
         } else {
@@ -281,6 +296,9 @@ pub struct ClusterOptions {
     pub devices: String,
     /// `--store` of the coordinator (`None`: the embedded store in its data directory).
     pub store: Option<String>,
+    /// Extra environment of every worker process (and so of its ranks), e.g.
+    /// `TRAINYARD_TEST_UPLOAD_DELAY_MS`.
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -289,6 +307,7 @@ impl Default for ClusterOptions {
             workers: 2,
             devices: "cpu:1".into(),
             store: None,
+            worker_env: Vec::new(),
         }
     }
 }
@@ -306,6 +325,7 @@ pub struct Cluster {
     /// Worker processes, by index; their names are `w0`, `w1`, ...
     pub workers: Vec<Proc>,
     devices: String,
+    worker_env: Vec<(String, String)>,
     /// The coordinator's command line (a restart reuses it: same port, data dir, store).
     coordinator_args: Vec<String>,
     /// How many times the coordinator was restarted (names its log files).
@@ -324,12 +344,22 @@ impl Cluster {
 
     /// Starts a cluster with the given options and waits until it is ready.
     pub fn start_with(opts: ClusterOptions) -> Cluster {
+        Cluster::start_with_objects(opts, None)
+    }
+
+    /// Like [`Cluster::start_with`], with the coordinator's `--objects` URL (`None`: the
+    /// folder [`Cluster::objects_dir`]). The processes inherit this process's environment
+    /// (object-store credentials included).
+    pub fn start_with_objects(opts: ClusterOptions, objects_url: Option<&str>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("trainyard-e2e-")
             .tempdir()
             .expect("tempdir");
         let data = dir.path().join("coordinator");
-        let objects = dir.path().join("objects");
+        let objects = match objects_url {
+            Some(url) => url.to_string(),
+            None => format!("file://{}", dir.path().join("objects").display()),
+        };
         // A fixed port (not port 0), so that a restarted coordinator comes back on the
         // address its workers and clients know.
         let listen = format!("127.0.0.1:{}", free_port());
@@ -340,7 +370,7 @@ impl Cluster {
             "--data-dir".into(),
             data.display().to_string(),
             "--objects".into(),
-            format!("file://{}", objects.display()),
+            objects,
             "--heartbeat-timeout".into(),
             HEARTBEAT_TIMEOUT_S.into(),
         ];
@@ -356,6 +386,7 @@ impl Cluster {
             coordinator,
             workers: Vec::new(),
             devices: opts.devices.clone(),
+            worker_env: opts.worker_env.clone(),
             coordinator_args: args,
             restarts: 0,
             dir,
@@ -425,11 +456,12 @@ impl Cluster {
             work_dir.display().to_string(),
         ];
         let log_path = self.dir.path().join(format!("worker-{name}.log"));
-        self.workers.push(Proc::spawn(
+        self.workers.push(Proc::spawn_with_env(
             &format!("worker {name}"),
             &args,
             &log_path,
             false,
+            &self.worker_env,
         ));
         i
     }

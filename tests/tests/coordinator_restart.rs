@@ -34,6 +34,7 @@ fn restart_with_pending_and_running_jobs(store: Option<String>) {
         workers: 2,
         devices: "cpu:1".into(),
         store,
+        ..ClusterOptions::default()
     });
 
     // Three jobs on two one-slot workers: two run, one waits. Long enough to still be

@@ -55,6 +55,7 @@ fn etcd_restart_during_a_run_loses_nothing() {
         workers: 1,
         devices: "cpu:1".into(),
         store: Some(unique_store_url(&etcd.endpoint)),
+        ..ClusterOptions::default()
     });
     let all = |status: ServingStatus| {
         STORE_SERVICES

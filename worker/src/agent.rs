@@ -11,7 +11,7 @@ mod reporter;
 mod session;
 mod supervisor;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
@@ -37,6 +37,10 @@ pub struct WorkerConfig {
     pub name: String,
     /// Device slots advertised (see [`crate::parse_devices`]).
     pub devices: Vec<Device>,
+    /// CUDA ordinal of each real GPU slot, by slot index (see
+    /// [`crate::devices::DeviceSlots`]); a rank placed on one trains on that GPU. Empty
+    /// without real GPUs.
+    pub cuda_ordinals: BTreeMap<u32, u32>,
     /// Scratch space; each rank runs in a folder under `<work_dir>/ranks/`.
     pub work_dir: PathBuf,
     /// Program and arguments that start a rank process, e.g. `[current_exe, "rank"]`.

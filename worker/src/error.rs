@@ -13,22 +13,9 @@ pub enum WorkerError {
         /// What is wrong with it.
         reason: String,
     },
-    /// An object-store URL is malformed.
-    #[error("objects url {url:?}: {reason}")]
-    InvalidObjectsUrl {
-        /// The URL as given.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// An object-store URL names a scheme this build cannot open yet.
-    #[error("objects url {url:?}: scheme {scheme:?} is not supported yet (supported: file://)")]
-    UnsupportedObjectsScheme {
-        /// The URL as given.
-        url: String,
-        /// Its scheme.
-        scheme: String,
-    },
+    /// The object store could not be configured or opened (a bad URL, missing credentials).
+    #[error(transparent)]
+    Objects(#[from] trainyard_objects::ObjectsError),
     /// The object store reported an error.
     #[error("object store: {0}")]
     ObjectStore(#[from] object_store::Error),

@@ -3,10 +3,11 @@
 //! store.
 //!
 //! * [`devices`]: `--devices` / `--emulate-gpus` parsing.
-//! * [`objects`]: opening the object store from a URL.
+//! * [`objects`]: the object store, opened from a URL (re-exported from `trainyard-objects`).
 //! * [`checkpoint`]: saving and loading checkpoints (safetensors + manifest written last).
 //! * [`protocol`]: the rank ↔ agent protocol (assignment encoding, event lines).
 //! * [`rank`]: the rank-process side.
+//! * [`uploader`]: the rank's background checkpoint uploader (retries, commit deadline).
 //! * [`agent`]: the worker agent.
 
 #![warn(missing_docs)]
@@ -18,8 +19,9 @@ mod error;
 pub mod objects;
 pub mod protocol;
 pub mod rank;
+pub mod uploader;
 
 pub use agent::{run_worker, WorkerConfig};
-pub use devices::parse_devices;
+pub use devices::{parse_device_slots, parse_devices, DeviceSlots};
 pub use error::WorkerError;
 pub use rank::run_rank_process;

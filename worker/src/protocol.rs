@@ -24,6 +24,17 @@ pub const ASSIGNMENT_ENV: &str = "TRAINYARD_ASSIGNMENT";
 pub const RANK_ENV: &str = "TRAINYARD_RANK";
 /// Environment variable with the world size (informational).
 pub const WORLD_SIZE_ENV: &str = "TRAINYARD_WORLD_SIZE";
+/// Environment variable telling a rank which device to train on: [`DEVICE_CUDA`] when the
+/// agent placed it on a real GPU (made visible as the only one, so CUDA device 0), else
+/// [`DEVICE_CPU`] (CPU slots and emulated GPUs).
+pub const DEVICE_ENV: &str = "TRAINYARD_DEVICE";
+/// Environment variable naming the worker's data set cache folder (shared by its ranks;
+/// see `trainyard_objects::datasets`).
+pub const DATA_CACHE_ENV: &str = "TRAINYARD_DATA_CACHE";
+/// [`DEVICE_ENV`] value of a rank on the CPU.
+pub const DEVICE_CPU: &str = "cpu";
+/// [`DEVICE_ENV`] value of a rank on a real GPU.
+pub const DEVICE_CUDA: &str = "cuda";
 /// Prefix of an event line on a rank's stdout.
 pub const EVENT_PREFIX: &str = "\u{1e}trainyard:";
 
@@ -286,6 +297,11 @@ mod tests {
                 device_index: 0,
             }],
             leader_term: 7,
+            checkpoint_policy: Some(trainyard_proto::CheckpointPolicy {
+                keep_latest: 2,
+                commit_timeout_s: 60,
+                ..Default::default()
+            }),
         };
         let enc = encode_assignment(&a);
         assert!(enc.chars().all(|c| c.is_ascii_hexdigit()));

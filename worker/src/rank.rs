@@ -4,19 +4,35 @@
 //! config, runs the job with a [`RankContext`], and reports everything through event lines
 //! on stdout (see [`crate::protocol`]). SIGTERM and SIGINT make `should_stop()` true.
 //!
-//! Exit codes: 0 success, 1 job error (message on stderr), 2 bad assignment, 143 stopped
-//! on request.
+//! The job trains on the device the agent chose ([`crate::protocol::DEVICE_ENV`]): CUDA
+//! device 0 (the rank's GPU, the only one `CUDA_VISIBLE_DEVICES` shows it) when the rank
+//! was placed on a real GPU and this binary was built with `cuda`, else the CPU.
+//!
+//! Checkpoints are saved asynchronously: `save_checkpoint` copies the tensors to host
+//! memory and returns while a [`CheckpointUploader`] on the rank's runtime uploads them
+//! (manifest last) and then emits the checkpoint event. Before exiting, the rank waits for
+//! the pending uploads to commit: without a limit after success (the uploader's commit
+//! deadline still applies), within the grace period (less a margin) after a stop request
+//! or a job error. `restore_checkpoint` falls back to the newest older committed
+//! checkpoint when the requested one is corrupt or partial, and says which it skipped.
+//!
+//! Exit codes: 0 success, 1 job error (message on stderr; also when no checkpoint could be
+//! committed within the commit deadline), 2 bad assignment, 143 stopped on request.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use trainyard_jobs::{Checkpoint, JobContext, JobError, ResolvedConfig, ResultsTable};
 use trainyard_proto::RankAssignment;
 
 use crate::checkpoint;
 use crate::objects::{open_objects, Objects};
-use crate::protocol::{decode_assignment, RankMessage, ASSIGNMENT_ENV};
+use crate::protocol::{
+    decode_assignment, RankMessage, ASSIGNMENT_ENV, DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV,
+};
+use crate::uploader::{CheckpointUploader, Committed, UploadError, UploaderOptions};
 
 /// Exit code of a rank that finished its job.
 pub const EXIT_OK: i32 = 0;
@@ -29,10 +45,47 @@ pub const EXIT_STOPPED: i32 = 143;
 
 /// Set by the SIGTERM/SIGINT handler.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// CLOCK_MONOTONIC milliseconds of the first stop signal (0: none yet).
+static STOP_REQUESTED_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// CLOCK_MONOTONIC in milliseconds (async-signal-safe: clock_gettime only).
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000
+}
 
 extern "C" fn on_stop_signal(_signal: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
+    // Only atomic stores and clock_gettime: async-signal-safe.
+    let _ = STOP_REQUESTED_AT_MS.compare_exchange(
+        0,
+        monotonic_ms().max(1),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// How long ago the stop signal arrived, if one did.
+fn since_stop_signal() -> Option<Duration> {
+    match STOP_REQUESTED_AT_MS.load(Ordering::SeqCst) {
+        0 => None,
+        at => Some(Duration::from_millis(monotonic_ms().saturating_sub(at))),
+    }
+}
+
+/// The part of the grace period a stopping rank leaves unused, so that it exits before
+/// the worker's SIGKILL: a tenth of it, between 0.5 and 3 seconds (at most half of it).
+pub fn grace_margin(grace: Duration) -> Duration {
+    (grace / 10)
+        .clamp(Duration::from_millis(500), Duration::from_secs(3))
+        .min(grace / 2)
 }
 
 fn install_stop_handlers() {
@@ -113,7 +166,16 @@ pub(crate) fn run_rank(
         "rank starting"
     );
     let result = job.run(&config, &ctx);
+    // Checkpoints still uploading must commit before the process exits.
+    let uploads = ctx.finish_uploads(result.is_ok());
     ctx.flush();
+    let stopped = ctx.stop.load(Ordering::SeqCst);
+    if let Err(e @ UploadError::DeadlineExceeded { .. }) = &uploads {
+        if !stopped {
+            eprintln!("trainyard rank: {e}");
+            return EXIT_JOB_ERROR;
+        }
+    }
     match result {
         Ok(()) => EXIT_OK,
         Err(JobError::Stopped) => {
@@ -132,9 +194,50 @@ pub(crate) fn run_rank(
 pub struct RankContext {
     assignment: RankAssignment,
     objects: Option<Objects>,
+    /// Uploads checkpoints in the background (present when `objects` is).
+    uploader: Option<CheckpointUploader>,
+    /// Drives the uploader (two worker threads) and the blocking restore.
     runtime: tokio::runtime::Runtime,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
     stop: &'static AtomicBool,
+    /// When `should_stop` first saw a stop request (the grace period's start when the
+    /// signal's own time is unknown).
+    stop_seen: Mutex<Option<Instant>>,
+    /// The value of [`DEVICE_ENV`] this rank was started with.
+    requested_device: Option<String>,
+    /// The training device, opened on first use (one CUDA context per process).
+    device: Mutex<Option<candle_core::Device>>,
+}
+
+/// The device for a rank started with `DEVICE_ENV=requested`: the CPU for `cpu` or nothing,
+/// CUDA device 0 for `cuda` (an error in a binary built without the `cuda` feature, or
+/// when the GPU cannot be opened).
+pub fn select_device(requested: Option<&str>) -> Result<candle_core::Device, JobError> {
+    match requested.map(str::trim) {
+        None | Some("") | Some(DEVICE_CPU) => Ok(candle_core::Device::Cpu),
+        Some(DEVICE_CUDA) => open_cuda(),
+        Some(other) => Err(JobError::Other(format!(
+            "{DEVICE_ENV}={other:?}: unknown device (expected {DEVICE_CPU} or {DEVICE_CUDA})"
+        ))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<candle_core::Device, JobError> {
+    candle_core::Device::new_cuda(0).map_err(|e| {
+        JobError::Other(format!(
+            "cannot open the rank's GPU (CUDA device 0, CUDA_VISIBLE_DEVICES={}): {e}",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda() -> Result<candle_core::Device, JobError> {
+    Err(JobError::Other(format!(
+        "this rank was placed on a real GPU ({DEVICE_ENV}={DEVICE_CUDA}) but this trainyard \
+         was built without cuda; rebuild with `--features cuda` (docs/gpu.md)"
+    )))
 }
 
 impl RankContext {
@@ -149,28 +252,121 @@ impl RankContext {
         } else {
             Some(open_objects(&assignment.objects_url)?)
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // Multi-thread: the uploader runs while the training thread computes.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("trainyard-upload")
             .enable_all()
             .build()?;
+        let out = Arc::new(Mutex::new(out));
+        let uploader = objects.as_ref().map(|objects| {
+            let options = UploaderOptions::from_policy(assignment.checkpoint_policy.as_ref())
+                .with_test_delay_from_env();
+            let events = out.clone();
+            let grace = grace_period(&assignment);
+            CheckpointUploader::new(
+                runtime.handle(),
+                objects.clone(),
+                options,
+                Box::new(move |c| emit_to(&events, committed_events(c))),
+                Box::new(move |e| exit_after_grace(e, grace)),
+            )
+        });
         Ok(RankContext {
             assignment,
             objects,
+            uploader,
             runtime,
-            out: Mutex::new(out),
+            out,
             stop,
+            stop_seen: Mutex::new(None),
+            requested_device: std::env::var(DEVICE_ENV).ok(),
+            device: Mutex::new(None),
         })
     }
 
     /// Writes one event line. A broken stdout (the agent is gone) is ignored: the
     /// parent-death signal ends this process soon after.
     fn emit(&self, msg: RankMessage) {
-        let line = msg.to_line();
-        let mut out = match self.out.lock() {
-            Ok(o) => o,
-            Err(poisoned) => poisoned.into_inner(),
+        emit_to(&self.out, [msg]);
+    }
+
+    /// The background uploader's counters, `None` without an object store.
+    pub fn upload_stats(&self) -> Option<crate::uploader::UploaderStats> {
+        self.uploader.as_ref().map(|u| u.stats())
+    }
+
+    /// Waits until every checkpoint saved so far is committed, or `deadline` passes, or
+    /// the uploader gives up. `Ok` without an object store.
+    pub fn wait_for_uploads(&self, deadline: Option<Instant>) -> Result<(), UploadError> {
+        match &self.uploader {
+            Some(u) => u.wait_idle(deadline),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of the grace period, less a margin, once a stop was requested.
+    fn stop_deadline(&self) -> Option<Instant> {
+        if !self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let grace = grace_period(&self.assignment);
+        let now = Instant::now();
+        let since = since_stop_signal().unwrap_or_else(|| {
+            let seen = self.stop_seen.lock().map(|s| *s).unwrap_or(None);
+            seen.map(|t| now.duration_since(t)).unwrap_or_default()
+        });
+        Some(now + (grace - grace_margin(grace)).saturating_sub(since))
+    }
+
+    /// Waits for the pending uploads before the rank exits: after a successful job until
+    /// they commit (or the uploader gives up) unless a stop arrives meanwhile; after a
+    /// stop request within the grace period less a margin; after a job error within the
+    /// grace period. Logs what did not commit.
+    fn finish_uploads(&self, job_succeeded: bool) -> Result<(), UploadError> {
+        let Some(uploader) = &self.uploader else {
+            return Ok(());
         };
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        let pending = uploader.stats().pending;
+        if pending == 0 {
+            return uploader.fatal().map_or(Ok(()), Err);
+        }
+        let started = Instant::now();
+        tracing::info!(
+            pending,
+            "waiting for checkpoint uploads to commit before exiting"
+        );
+        let error_deadline = (!job_succeeded).then(|| started + grace_period(&self.assignment));
+        let result = loop {
+            let deadline = self.stop_deadline().or(error_deadline);
+            // Wake up now and then: a stop may arrive while waiting without a deadline.
+            let slice = Instant::now() + Duration::from_millis(200);
+            match uploader.wait_idle(Some(deadline.map_or(slice, |d| d.min(slice)))) {
+                Err(UploadError::NotIdle { pending })
+                    if deadline.is_some_and(|d| Instant::now() >= d) =>
+                {
+                    break Err(UploadError::NotIdle { pending })
+                }
+                Err(UploadError::NotIdle { .. }) => continue,
+                other => break other,
+            }
+        };
+        match &result {
+            Ok(()) => tracing::info!(
+                waited_s = format!("{:.2}", started.elapsed().as_secs_f64()),
+                "checkpoint uploads committed"
+            ),
+            Err(UploadError::NotIdle { pending }) => {
+                let line = format!(
+                    "{pending} checkpoint upload(s) did not commit within the grace period; \
+                     the job resumes from the last committed checkpoint"
+                );
+                tracing::warn!("{line}");
+                eprintln!("trainyard rank: {line}");
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+        result
     }
 
     fn flush(&self) {
@@ -185,6 +381,71 @@ impl RankContext {
                 "the assignment has no objects_url: checkpoints are unavailable".into(),
             )
         })
+    }
+}
+
+/// Writes event lines to the rank's stdout, all under one lock.
+fn emit_to(out: &Mutex<Box<dyn Write + Send>>, msgs: impl IntoIterator<Item = RankMessage>) {
+    let mut out = match out.lock() {
+        Ok(o) => o,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    for msg in msgs {
+        let _ = writeln!(out, "{}", msg.to_line());
+    }
+    let _ = out.flush();
+}
+
+/// The events of a committed checkpoint: a log line, then the checkpoint event the
+/// coordinator records.
+fn committed_events(c: &Committed) -> [RankMessage; 2] {
+    let m = &c.manifest;
+    let line = format!(
+        "checkpoint at step {} committed: {:.1} MiB in {:.2} s{}",
+        m.step,
+        c.bytes as f64 / (1u64 << 20) as f64,
+        c.elapsed.as_secs_f64(),
+        if c.tries > 1 {
+            format!(" ({} tries)", c.tries)
+        } else {
+            String::new()
+        }
+    );
+    tracing::debug!("{line}");
+    [
+        RankMessage::Log { line },
+        RankMessage::Checkpoint {
+            job_id: m.job_id.clone(),
+            step: m.step,
+            path: c.dir.clone(),
+            created_unix_ms: m.created_unix_ms,
+            attempt: m.attempt,
+            metrics: m.metrics.clone(),
+        },
+    ]
+}
+
+/// The grace period of `assignment` (the worker's default when it carries none).
+fn grace_period(assignment: &RankAssignment) -> Duration {
+    match assignment.grace_period_s {
+        0 => crate::agent::DEFAULT_GRACE_PERIOD,
+        s => Duration::from_secs(u64::from(s)),
+    }
+}
+
+/// After the uploader gave up, the job is asked to stop (`should_stop`) and the rank
+/// exits 1 when it returns; a job that does not return within `grace` is ended here.
+fn exit_after_grace(error: &UploadError, grace: Duration) {
+    let message = error.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("trainyard-upload-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            eprintln!("trainyard rank: {message} (the job did not stop within {grace:?})");
+            std::process::exit(EXIT_JOB_ERROR);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the upload-deadline watchdog");
     }
 }
 
@@ -219,31 +480,60 @@ impl JobContext for RankContext {
     }
 
     fn should_stop(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        let requested = self.stop.load(Ordering::SeqCst);
+        if requested {
+            if let Ok(mut seen) = self.stop_seen.lock() {
+                seen.get_or_insert_with(Instant::now);
+            }
+            return true;
+        }
+        // Uploads failed past the commit deadline: wind the job down (the rank exits 1).
+        self.uploader.as_ref().is_some_and(|u| u.fatal().is_some())
     }
 
+    /// Copies the tensors to host memory and queues the upload; returns before it is
+    /// committed (see the module docs). Blocks only while two earlier checkpoints are
+    /// still uploading. Fails when there is no object store or uploads have failed past
+    /// the commit deadline.
     fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), JobError> {
-        let objects = self.objects()?;
-        let (path, manifest) = self
-            .runtime
-            .block_on(checkpoint::save_checkpoint(
-                objects,
-                &self.assignment.job_id,
-                self.assignment.attempt,
-                checkpoint,
-            ))
-            .map_err(|e| JobError::Checkpoint(e.to_string()))?;
-        self.emit(RankMessage::Checkpoint {
-            job_id: manifest.job_id,
-            step: manifest.step,
-            path,
-            created_unix_ms: manifest.created_unix_ms,
-            attempt: manifest.attempt,
-            metrics: manifest.metrics,
-        });
+        self.objects()?;
+        let Some(uploader) = &self.uploader else {
+            return Err(JobError::Checkpoint("no checkpoint uploader".into()));
+        };
+        if let Some(e) = uploader.fatal() {
+            return Err(JobError::Checkpoint(e.to_string()));
+        }
+        let started = Instant::now();
+        let prepared = checkpoint::prepare_checkpoint_with(
+            &self.assignment.job_id,
+            self.assignment.attempt,
+            checkpoint,
+            Some(uploader.buffer_pool()),
+        )
+        .map_err(|e| JobError::Checkpoint(e.to_string()))?;
+        let copied = started.elapsed();
+        let bytes = prepared.size();
+        uploader
+            .submit_unless(prepared, || self.stop.load(Ordering::SeqCst))
+            .map_err(|e| match e {
+                // Stopping while earlier checkpoints still upload: the job winds down now
+                // (they get the rest of the grace period to commit).
+                crate::uploader::UploadError::Abandoned => JobError::Stopped,
+                e => JobError::Checkpoint(e.to_string()),
+            })?;
+        tracing::debug!(
+            step = checkpoint.step,
+            bytes,
+            copy_ms = copied.as_secs_f64() * 1e3,
+            blocked_ms = started.elapsed().as_secs_f64() * 1e3,
+            "checkpoint copied to host memory; uploading in the background"
+        );
         Ok(())
     }
 
+    /// Restores the newest committed checkpoint at or below `resume_from`'s step whose
+    /// manifest verifies; corrupt or partial ones are skipped with a warning and a log
+    /// line naming them and why.
     fn restore_checkpoint(
         &self,
         device: &candle_core::Device,
@@ -252,16 +542,49 @@ impl JobContext for RankContext {
             return Ok(None);
         };
         let objects = self.objects()?;
-        match self
+        let restored = self
             .runtime
-            .block_on(checkpoint::load_checkpoint(objects, &info.path, device))
-        {
-            Ok(Some((_, checkpoint))) => Ok(Some(checkpoint)),
-            Ok(None) => Err(JobError::Checkpoint(format!(
-                "checkpoint {} has no manifest",
-                info.path
-            ))),
-            Err(e) => Err(JobError::Checkpoint(e.to_string())),
+            .block_on(checkpoint::restore_latest(
+                objects, &info.path, info.step, device,
+            ))
+            .map_err(|e| JobError::Checkpoint(e.to_string()))?;
+        for skipped in &restored.skipped {
+            let line = format!(
+                "skipping checkpoint {} (step {}): {}; falling back to an older one",
+                skipped.dir, skipped.step, skipped.reason
+            );
+            tracing::warn!("{line}");
+            self.log(&line);
+        }
+        match restored.found {
+            Some((dir, _, checkpoint)) => {
+                if dir != info.path.trim_end_matches('/') {
+                    let line = format!(
+                        "restoring checkpoint {dir} (step {}) instead of {} (step {})",
+                        checkpoint.step, info.path, info.step
+                    );
+                    tracing::warn!("{line}");
+                    self.log(&line);
+                }
+                Ok(Some(checkpoint))
+            }
+            None => {
+                let reasons: Vec<String> = restored
+                    .skipped
+                    .iter()
+                    .map(|s| format!("step {}: {}", s.step, s.reason))
+                    .collect();
+                Err(JobError::Checkpoint(format!(
+                    "no usable checkpoint at or below step {} of {} ({})",
+                    info.step,
+                    info.path,
+                    if reasons.is_empty() {
+                        "none committed".to_string()
+                    } else {
+                        reasons.join("; ")
+                    }
+                )))
+            }
         }
     }
 
@@ -272,6 +595,28 @@ impl JobContext for RankContext {
             rows: table.rows.clone(),
             notes: table.notes.clone(),
         });
+    }
+
+    fn device(&self) -> Result<candle_core::Device, JobError> {
+        let mut slot = match self.device.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(device) = slot.as_ref() {
+            return Ok(device.clone());
+        }
+        let device = select_device(self.requested_device.as_deref())?;
+        if device.is_cuda() {
+            let line = format!(
+                "training on the GPU: {} (CUDA_VISIBLE_DEVICES={})",
+                trainyard_jobs::device_name(&device),
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            );
+            tracing::info!("{line}");
+            self.log(&line);
+        }
+        *slot = Some(device.clone());
+        Ok(device)
     }
 }
 
@@ -354,6 +699,9 @@ mod tests {
             metrics: [("acc".to_string(), 0.75)].into_iter().collect(),
         };
         ctx.save_checkpoint(&ck).unwrap();
+        // The upload runs in the background; the event follows the manifest.
+        ctx.wait_for_uploads(Some(Instant::now() + Duration::from_secs(30)))
+            .unwrap();
         assert!(dir
             .path()
             .join("objects/jobs/job-7/checkpoints/11/manifest.json")
@@ -366,7 +714,7 @@ mod tests {
         });
 
         let events = cap.events();
-        assert_eq!(events.len(), 5, "{events:?}");
+        assert_eq!(events.len(), 6, "{events:?}");
         assert_eq!(
             events[0],
             RankMessage::Log {
@@ -374,6 +722,13 @@ mod tests {
             }
         );
         match &events[3] {
+            RankMessage::Log { line } => assert!(
+                line.starts_with("checkpoint at step 11 committed: "),
+                "{line}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        match &events[4] {
             RankMessage::Checkpoint {
                 job_id,
                 step,
@@ -388,6 +743,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(ctx.upload_stats().map(|s| s.committed), Some(1));
 
         // A restarted attempt restores what the first one saved.
         let mut resumed = assignment(url);
@@ -408,6 +764,131 @@ mod tests {
             back.tensors["w"].to_vec1::<f32>().unwrap(),
             vec![1., 2., 3.]
         );
+    }
+
+    fn small_checkpoint(step: u64) -> Checkpoint {
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "w".to_string(),
+            candle_core::Tensor::new(&[step as f32; 4], &candle_core::Device::Cpu).unwrap(),
+        );
+        Checkpoint {
+            step,
+            tensors,
+            state: serde_json::json!({ "step": step }),
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn restore_falls_back_to_the_previous_committed_checkpoint_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/objects", dir.path().display());
+        let ctx = RankContext::new(
+            assignment(url.clone()),
+            Box::new(Capture::default()),
+            leak_flag(),
+        )
+        .unwrap();
+        for step in [5, 10, 15] {
+            ctx.save_checkpoint(&small_checkpoint(step)).unwrap();
+        }
+        ctx.wait_for_uploads(Some(Instant::now() + Duration::from_secs(30)))
+            .unwrap();
+        // Step 10's tensors are corrupted (same size); step 15 stays the newest but the
+        // coordinator asks for step 10, so 15 is not a candidate.
+        let model = dir
+            .path()
+            .join("objects/jobs/job-7/checkpoints/10/model.safetensors");
+        let mut bytes = std::fs::read(&model).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&model, bytes).unwrap();
+
+        let mut resumed = assignment(url);
+        resumed.attempt = 3;
+        resumed.resume_from = Some(trainyard_proto::CheckpointInfo {
+            job_id: "job-7".into(),
+            step: 10,
+            path: "jobs/job-7/checkpoints/10".into(),
+            ..Default::default()
+        });
+        let cap = Capture::default();
+        let ctx2 = RankContext::new(resumed.clone(), Box::new(cap.clone()), leak_flag()).unwrap();
+        let back = ctx2
+            .restore_checkpoint(&candle_core::Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.step, 5);
+        let lines: Vec<String> = cap
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                RankMessage::Log { line } => Some(line),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            lines[0].starts_with("skipping checkpoint jobs/job-7/checkpoints/10 (step 10): ")
+                && lines[0].contains("sha256"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("instead of jobs/job-7/checkpoints/10"),
+            "{lines:?}"
+        );
+
+        // With every candidate unusable, the restore fails naming them.
+        std::fs::remove_file(
+            dir.path()
+                .join("objects/jobs/job-7/checkpoints/5/manifest.json"),
+        )
+        .unwrap();
+        let ctx3 = RankContext::new(resumed, Box::new(Capture::default()), leak_flag()).unwrap();
+        let err = ctx3
+            .restore_checkpoint(&candle_core::Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no usable checkpoint at or below step 10") && err.contains("step 10: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_stop_request_bounds_the_final_wait_by_the_grace_period() {
+        assert_eq!(
+            grace_margin(Duration::from_secs(30)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            grace_margin(Duration::from_secs(10)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            grace_margin(Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            grace_margin(Duration::from_millis(600)),
+            Duration::from_millis(300)
+        );
+        let stop = leak_flag();
+        let mut a = assignment(String::new());
+        a.grace_period_s = 4;
+        let ctx = RankContext::new(a, Box::new(Capture::default()), stop).unwrap();
+        assert!(ctx.stop_deadline().is_none());
+        stop.store(true, Ordering::SeqCst);
+        assert!(ctx.should_stop());
+        let deadline = ctx.stop_deadline().unwrap();
+        let left = deadline.saturating_duration_since(Instant::now());
+        // 4 s less the 0.5 s margin, counted from when the stop was first seen.
+        assert!(
+            left <= Duration::from_millis(3500) && left > Duration::from_millis(3000),
+            "{left:?}"
+        );
+        // Without an object store there is nothing to wait for.
+        assert!(ctx.finish_uploads(false).is_ok());
     }
 
     #[test]
@@ -435,5 +916,31 @@ mod tests {
             run_rank(Some(&encode_assignment(&a)), out(), leak_flag()),
             EXIT_BAD_ASSIGNMENT
         );
+    }
+
+    #[test]
+    fn device_selection() {
+        for cpu in [None, Some(""), Some("cpu"), Some(" cpu ")] {
+            assert!(select_device(cpu).unwrap().is_cpu(), "{cpu:?}");
+        }
+        let err = select_device(Some("tpu")).unwrap_err().to_string();
+        assert!(
+            err.contains("TRAINYARD_DEVICE") && err.contains("tpu"),
+            "{err}"
+        );
+        if !cfg!(feature = "cuda") {
+            let err = select_device(Some("cuda")).unwrap_err().to_string();
+            assert!(err.contains("built without cuda"), "{err}");
+        }
+        let ctx = RankContext::new(
+            assignment(String::new()),
+            Box::new(Capture::default()),
+            leak_flag(),
+        )
+        .unwrap();
+        if ctx.requested_device.is_none() {
+            assert!(ctx.device().unwrap().is_cpu());
+            assert!(ctx.device().unwrap().is_cpu());
+        }
     }
 }

@@ -3,7 +3,9 @@
 pub mod cancel;
 pub mod checkpoints;
 pub mod coordinator;
+pub mod data;
 pub mod describe;
+pub mod gpu_check;
 pub mod job_types;
 pub mod jobs;
 pub mod local;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use trainyard_worker::{parse_devices, run_worker, WorkerConfig};
+use trainyard_worker::{parse_device_slots, run_worker, WorkerConfig};
 
 use crate::args::WorkerArgs;
 use crate::client::split_urls;
@@ -26,7 +26,7 @@ pub fn hostname() -> String {
 
 /// Runs `trainyard worker` until Ctrl-C or SIGTERM.
 pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
-    let devices = parse_devices(args.devices.as_deref(), args.emulate_gpus)
+    let slots = parse_device_slots(args.devices.as_deref(), args.emulate_gpus)
         .map_err(|e| bad_input(devices_error(&e.to_string())))?;
     let name = args.name.unwrap_or_else(hostname);
     let work_dir = args
@@ -37,7 +37,8 @@ pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
     let config = WorkerConfig {
         coordinator_url: split_urls(url).join(","),
         name: name.clone(),
-        devices,
+        devices: slots.devices,
+        cuda_ordinals: slots.cuda_ordinals,
         work_dir: absolute(&work_dir)?,
         rank_command: rank_command()?,
     };

@@ -220,7 +220,45 @@ impl Coordinator {
         if self.requeue_orphans(st).await? {
             self.wake.notify_one();
         }
-        self.flush_metrics(st).await
+        self.flush_metrics(st).await?;
+        self.tend_history(st);
+        Ok(())
+    }
+
+    /// Tells the durable history writer about jobs that ended, and drops the entries of
+    /// jobs that ended [`crate::coordinator::Settings::finished_history_kept`] ago once
+    /// their history is written (a watch then reads it back from the object store). Without
+    /// an object store, entries stay.
+    fn tend_history(&self, st: &mut State) {
+        let Some(sink) = self.durable() else {
+            return;
+        };
+        let kept = self.settings.finished_history_kept;
+        let mut evict = Vec::new();
+        for (id, e) in st.jobs.iter_mut() {
+            let Some(since) = e.terminal_since else {
+                continue;
+            };
+            if !e.durable_finished {
+                sink.finished(id);
+                e.durable_finished = true;
+                // A last retention run, for what was left while the job ran.
+                if e.job.latest_checkpoint.is_some() {
+                    self.request_retention(id);
+                }
+            }
+            if since.elapsed() >= kept
+                && !e.dirty
+                && sink.written(id, e.history.id()) >= e.durable_sent
+            {
+                evict.push(id.clone());
+            }
+        }
+        for id in evict {
+            st.jobs.remove(&id);
+            sink.forget(&id);
+            tracing::debug!(job = %id, "finished job's history is in the object store; entry dropped");
+        }
     }
 
     /// One scheduling pass (see the module docs). Returns the time spent on the placement
@@ -267,6 +305,7 @@ impl Coordinator {
             self.start_all(st, result.assignments).await;
         }
         self.flush_metrics(st).await?;
+        self.tend_history(st);
         Ok(placement_took)
     }
 
@@ -367,7 +406,11 @@ impl Coordinator {
                 job: spec.job.clone(),
                 config_json: job.resolved_config_json.clone(),
                 objects_url: self.settings.objects_url.clone(),
-                resume_from: job.latest_checkpoint.clone(),
+                // Its own latest checkpoint, else the one it was started from.
+                resume_from: job
+                    .latest_checkpoint
+                    .clone()
+                    .or_else(|| crate::validate::from_checkpoint(&spec).map(|r| r.info())),
                 device_index: r.device_index,
                 device_kind: r.device_kind.clone(),
                 grace_period_s: if spec.grace_period_s == 0 {
@@ -378,6 +421,7 @@ impl Coordinator {
                 peers: job.placement.clone(),
                 // Stamped with the leader's term when sent down the stream.
                 leader_term: 0,
+                checkpoint_policy: Some(crate::validate::effective_checkpoint_policy(&spec)),
             }));
         }
     }

@@ -210,6 +210,7 @@ async fn a_deposed_leader_cannot_write_and_steps_down() {
             heartbeat_interval: Duration::from_millis(100),
             heartbeat_timeout: Duration::from_millis(1000),
             objects_url: format!("file://{}", tmp.path().display()),
+            ..Settings::default()
         },
     )
     .with_leadership(leadership);

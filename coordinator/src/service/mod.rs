@@ -9,6 +9,8 @@ pub use jobs::JobApi;
 pub use workers::WorkerApi;
 
 #[cfg(test)]
+mod checkpoint_tests;
+#[cfg(test)]
 mod ha_tests;
 #[cfg(test)]
 mod outage_tests;

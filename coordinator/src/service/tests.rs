@@ -22,7 +22,7 @@ use crate::{start, CoordinatorConfig, CoordinatorHandle};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn config(dir: &Path) -> CoordinatorConfig {
+pub(super) fn config(dir: &Path) -> CoordinatorConfig {
     let mut c = CoordinatorConfig::with_data_dir(dir);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.heartbeat_interval = Duration::from_millis(100);
@@ -30,20 +30,25 @@ fn config(dir: &Path) -> CoordinatorConfig {
     c
 }
 
-struct Cluster {
-    handle: CoordinatorHandle,
-    url: String,
-    jobs: JobServiceClient<Channel>,
+pub(super) struct Cluster {
+    pub(super) handle: CoordinatorHandle,
+    pub(super) url: String,
+    pub(super) jobs: JobServiceClient<Channel>,
 }
 
-async fn boot(dir: &Path) -> Cluster {
-    let handle = start(config(dir)).await.expect("coordinator starts");
+pub(super) async fn boot(dir: &Path) -> Cluster {
+    boot_with(config(dir)).await
+}
+
+/// Starts a coordinator with `config` and connects a job client.
+pub(super) async fn boot_with(config: CoordinatorConfig) -> Cluster {
+    let handle = start(config).await.expect("coordinator starts");
     let url = format!("http://{}", handle.local_addr());
     let jobs = JobServiceClient::connect(url.clone()).await.unwrap();
     Cluster { handle, url, jobs }
 }
 
-fn devices(kind: &str, n: u32) -> Vec<Device> {
+pub(super) fn devices(kind: &str, n: u32) -> Vec<Device> {
     (0..n)
         .map(|i| Device {
             index: i,
@@ -55,15 +60,20 @@ fn devices(kind: &str, n: u32) -> Vec<Device> {
 }
 
 /// A fake worker agent: registered, heartbeating, with its command stream open.
-struct FakeWorker {
-    id: String,
+pub(super) struct FakeWorker {
+    pub(super) id: String,
     client: WorkerServiceClient<Channel>,
     commands: tonic::Streaming<WorkerCommand>,
     heartbeats: JoinHandle<()>,
 }
 
 impl FakeWorker {
-    async fn join(url: &str, name: &str, devices: Vec<Device>, running: Vec<RankStatus>) -> Self {
+    pub(super) async fn join(
+        url: &str,
+        name: &str,
+        devices: Vec<Device>,
+        running: Vec<RankStatus>,
+    ) -> Self {
         let mut client = WorkerServiceClient::connect(url.to_string()).await.unwrap();
         let reg = client
             .register_worker(RegisterWorkerRequest {
@@ -78,7 +88,11 @@ impl FakeWorker {
             .into_inner();
         assert_eq!(reg.heartbeat_interval_ms, 100);
         assert_eq!(reg.heartbeat_timeout_ms, 1000);
-        assert!(reg.objects_url.starts_with("file:///"));
+        assert!(
+            reg.objects_url.starts_with("file:///") || reg.objects_url.starts_with("s3://"),
+            "{}",
+            reg.objects_url
+        );
         let id = reg.worker_id;
         let commands = client
             .stream_commands(StreamCommandsRequest {
@@ -120,14 +134,14 @@ impl FakeWorker {
         msg.command.expect("command set")
     }
 
-    async fn next_assignment(&mut self) -> trainyard_proto::RankAssignment {
+    pub(super) async fn next_assignment(&mut self) -> trainyard_proto::RankAssignment {
         match self.next_command().await {
             worker_command::Command::Assign(a) => a,
             other => panic!("expected an assignment, got {other:?}"),
         }
     }
 
-    async fn report(
+    pub(super) async fn report(
         &mut self,
         job_id: &str,
         attempt: u32,
@@ -166,7 +180,7 @@ impl Drop for FakeWorker {
     }
 }
 
-fn state(s: RankState) -> rank_event::Kind {
+pub(super) fn state(s: RankState) -> rank_event::Kind {
     rank_event::Kind::State(RankStateChange {
         state: s as i32,
         exit_code: 0,
@@ -184,7 +198,7 @@ pub(super) fn spec(max_restarts: u32) -> JobSpec {
     }
 }
 
-async fn submit(jobs: &mut JobServiceClient<Channel>, spec: JobSpec) -> Job {
+pub(super) async fn submit(jobs: &mut JobServiceClient<Channel>, spec: JobSpec) -> Job {
     jobs.submit_job(SubmitJobRequest { spec: Some(spec) })
         .await
         .unwrap()
@@ -193,14 +207,18 @@ async fn submit(jobs: &mut JobServiceClient<Channel>, spec: JobSpec) -> Job {
         .unwrap()
 }
 
-async fn get(jobs: &mut JobServiceClient<Channel>, id: &str) -> Job {
+pub(super) async fn get(jobs: &mut JobServiceClient<Channel>, id: &str) -> Job {
     jobs.get_job(GetJobRequest { id: id.into() })
         .await
         .unwrap()
         .into_inner()
 }
 
-async fn wait_for(jobs: &mut JobServiceClient<Channel>, id: &str, want: JobState) -> Job {
+pub(super) async fn wait_for(
+    jobs: &mut JobServiceClient<Channel>,
+    id: &str,
+    want: JobState,
+) -> Job {
     let deadline = Instant::now() + WAIT;
     loop {
         let j = get(jobs, id).await;
@@ -217,7 +235,7 @@ async fn wait_for(jobs: &mut JobServiceClient<Channel>, id: &str, want: JobState
     }
 }
 
-async fn collect_watch(
+pub(super) async fn collect_watch(
     jobs: &mut JobServiceClient<Channel>,
     id: &str,
     follow: bool,
@@ -241,7 +259,7 @@ async fn collect_watch(
     out
 }
 
-fn transitions(events: &[JobEvent]) -> Vec<JobState> {
+pub(super) fn transitions(events: &[JobEvent]) -> Vec<JobState> {
     events
         .iter()
         .filter_map(|e| match &e.kind {

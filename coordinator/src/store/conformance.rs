@@ -371,6 +371,34 @@ pub async fn checkpoints<S: StateStore>(s: &S) {
     assert!(s.list_checkpoints("job-zz").await.unwrap().is_empty());
 }
 
+/// Deleting a checkpoint record removes exactly that one (not another job's same step),
+/// is idempotent, and a deleted step can be recorded again.
+pub async fn delete_checkpoints<S: StateStore>(s: &S) {
+    for step in [10, 20, 30] {
+        s.record_checkpoint(checkpoint("job-d", step))
+            .await
+            .unwrap();
+    }
+    s.record_checkpoint(checkpoint("job-dx", 20)).await.unwrap();
+    s.delete_checkpoint("job-d", 20).await.unwrap();
+    let steps = |cps: Vec<CheckpointInfo>| cps.iter().map(|c| c.step).collect::<Vec<_>>();
+    assert_eq!(steps(s.list_checkpoints("job-d").await.unwrap()), [10, 30]);
+    assert_eq!(steps(s.list_checkpoints("job-dx").await.unwrap()), [20]);
+    // Again, and for records that never existed: no error, nothing else removed.
+    s.delete_checkpoint("job-d", 20).await.unwrap();
+    s.delete_checkpoint("job-d", 25).await.unwrap();
+    s.delete_checkpoint("job-none", 1).await.unwrap();
+    assert_eq!(steps(s.list_checkpoints("job-d").await.unwrap()), [10, 30]);
+    s.delete_checkpoint("job-d", 10).await.unwrap();
+    s.delete_checkpoint("job-d", 30).await.unwrap();
+    assert!(s.list_checkpoints("job-d").await.unwrap().is_empty());
+    s.record_checkpoint(checkpoint("job-d", 20)).await.unwrap();
+    assert_eq!(
+        s.list_checkpoints("job-d").await.unwrap(),
+        vec![checkpoint("job-d", 20)]
+    );
+}
+
 /// Writes a mix of records for [`reopened_keeps_everything`].
 pub async fn fill_before_reopen<S: StateStore>(s: &S) -> Vec<Job> {
     let mut jobs = Vec::new();
@@ -463,6 +491,12 @@ macro_rules! store_conformance_tests {
             async fn checkpoints() {
                 let (s, _ctx) = $make;
                 suite::checkpoints(&s).await;
+            }
+
+            #[tokio::test]
+            async fn delete_checkpoints() {
+                let (s, _ctx) = $make;
+                suite::delete_checkpoints(&s).await;
             }
 
             #[tokio::test]

@@ -507,6 +507,16 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
+    async fn delete_checkpoint(&self, job_id: &str, step: u64) -> Result<(), StoreError> {
+        let job_id = job_id.to_string();
+        self.write(move |txn, _rev| {
+            let mut table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            table.remove((job_id.as_str(), step)).map_err(backend)?;
+            Ok(((), None))
+        })
+        .await
+    }
+
     async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError> {
         let job_id = job_id.to_string();
         self.read(move |txn| {

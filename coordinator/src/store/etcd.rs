@@ -46,12 +46,14 @@
 //!   per heartbeat would cost one raft write per worker per second); the stored record
 //!   keeps the registration time.
 //! - **Leader fencing.** With a [`Fence`] set ([`StateStore::set_fence`]: the leader's
-//!   election key and its create revision, the term), `create_job`, `update_job` and
-//!   `record_checkpoint` add `create_revision(election key) == term` to their transaction;
+//!   election key and its create revision, the term), `create_job`, `update_job`,
+//!   `record_checkpoint` and `delete_checkpoint` add `create_revision(election key) == term`
+//!   to their transaction;
 //!   their failure branch reads the election key, so a lost fence (key gone or re-created
 //!   by a newer leader) is told apart from a failed compare-and-set and returned as
 //!   [`StoreError::NotLeader`], with nothing written. Worker leases are not fenced.
-//! - **Checkpoints** are one put each (idempotent per job and step). The trait records the
+//! - **Checkpoints** are one put each (idempotent per job and step), and one delete each
+//!   when retention removes them (idempotent too). The trait records the
 //!   checkpoint and the job's `latest_checkpoint` in two calls, so they are two
 //!   transactions; both are idempotent.
 //! - **Corrupt records.** A value that does not decode (or whose id does not match its key)
@@ -1245,6 +1247,26 @@ impl StateStore for EtcdStore {
                 let resp = self.call("record checkpoint", kv.txn(txn)).await?;
                 if !resp.succeeded() {
                     return Err(Self::not_leader(&f, "record checkpoint"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_checkpoint(&self, job_id: &str, step: u64) -> Result<(), StoreError> {
+        let key = format!("{}{step:020}", self.checkpoint_prefix(job_id));
+        let mut kv = self.inner.client.kv_client();
+        match self.fence() {
+            None => {
+                self.call("delete checkpoint", kv.delete(key, None)).await?;
+            }
+            Some(f) => {
+                let txn = Txn::new()
+                    .when([Self::fence_compare(&f)])
+                    .and_then([TxnOp::delete(key, None)]);
+                let resp = self.call("delete checkpoint", kv.txn(txn)).await?;
+                if !resp.succeeded() {
+                    return Err(Self::not_leader(&f, "delete checkpoint"));
                 }
             }
         }

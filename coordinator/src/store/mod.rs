@@ -219,7 +219,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// A job's checkpoints, by step ascending.
     async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointInfo>, StoreError>;
 
-    /// Makes job writes (`create_job`, `update_job`, `record_checkpoint`) conditional on
+    /// Removes a job's checkpoint record (retention, after its objects are deleted).
+    /// Idempotent: deleting a record that does not exist succeeds. Fenced like
+    /// [`StateStore::record_checkpoint`].
+    async fn delete_checkpoint(&self, job_id: &str, step: u64) -> Result<(), StoreError>;
+
+    /// Makes job writes (`create_job`, `update_job`, `record_checkpoint`,
+    /// `delete_checkpoint`) conditional on
     /// `fence` (`None` removes it): a write while the fence's leadership is over fails with
     /// [`StoreError::NotLeader`] and writes nothing. A coordinator sets it when it becomes
     /// the leader and clears it when it steps down, so a partitioned old leader cannot

@@ -16,6 +16,14 @@ pub enum IdxError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A data file could not be read.
+    #[error("{name}: cannot read: {source}")]
+    Read {
+        /// The file.
+        name: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The header is malformed.
     #[error("{name}: bad IDX header: {reason}")]
     Header {

@@ -102,10 +102,61 @@ pub fn mnist_10k() -> Result<(ImageDataset, ImageDataset), IdxError> {
     Ok((train, test))
 }
 
+/// File names of an MNIST-format data set folder (as published, optionally `.gz`).
+pub const MNIST_FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Loads an MNIST-format folder (MNIST, Fashion-MNIST, or any set in that layout): the four
+/// files of [`MNIST_FILES`], each plain or gzipped (`.gz`). `classes` bounds the labels.
+pub fn mnist_from_dir(
+    dir: &std::path::Path,
+    classes: u8,
+) -> Result<(ImageDataset, ImageDataset), IdxError> {
+    let read = |stem: &str| -> Result<Vec<u8>, IdxError> {
+        let plain = dir.join(stem);
+        let gz = dir.join(format!("{stem}.gz"));
+        let path = if gz.is_file() { gz } else { plain };
+        std::fs::read(&path).map_err(|source| IdxError::Read {
+            name: path.display().to_string(),
+            source,
+        })
+    };
+    let name = dir.display().to_string();
+    let [train_images, train_labels, test_images, test_labels] = MNIST_FILES;
+    let train = ImageDataset::from_idx(
+        &format!("{name} train"),
+        &read(train_images)?,
+        &read(train_labels)?,
+        classes,
+    )?;
+    let test = ImageDataset::from_idx(
+        &format!("{name} test"),
+        &read(test_images)?,
+        &read(test_labels)?,
+        classes,
+    )?;
+    Ok((train, test))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::idx::tests::{gzip, idx_bytes};
+
+    #[test]
+    fn a_folder_in_mnist_layout_loads_like_the_embedded_set() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist-10k");
+        let (train, test) = mnist_from_dir(&dir, 10).unwrap();
+        let (etrain, etest) = mnist_10k().unwrap();
+        assert_eq!(train, etrain);
+        assert_eq!(test, etest);
+        let err = mnist_from_dir(std::path::Path::new("/nonexistent"), 10).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent"), "{err}");
+    }
 
     #[test]
     fn embedded_mnist_10k() {

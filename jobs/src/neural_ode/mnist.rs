@@ -14,7 +14,7 @@ use super::models::{OdeNet, ResNet};
 use super::schema::milestones;
 use crate::config::ResolvedConfig;
 use crate::data::{batches, derived_rng, epoch_order, make_batch, mnist_10k, ImageDataset};
-use crate::job::{Checkpoint, JobContext, JobError, ResultsTable};
+use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
     count_params, evaluate, init_pytorch_style, named_vars, Optimizer, PiecewiseLr,
@@ -26,32 +26,32 @@ const CROP_PAD: usize = 4;
 
 /// Settings read from the resolved config.
 #[derive(Debug, Clone)]
-struct Settings {
-    models: Vec<String>,
-    solver: Solver,
-    solver_name: String,
-    width: usize,
-    groups: usize,
-    epochs: u64,
-    batch_size: usize,
-    lr: f64,
-    milestones: Vec<f64>,
-    lr_decay: f64,
-    optimizer: String,
-    momentum: f64,
-    weight_decay: f64,
-    augment: bool,
-    train_samples: usize,
-    test_samples: usize,
-    eval_batch_size: usize,
-    eval_each_epoch: bool,
-    seed: u64,
-    checkpoint_every: u64,
-    log_every: u64,
+pub(super) struct Settings {
+    pub(super) models: Vec<String>,
+    pub(super) solver: Solver,
+    pub(super) solver_name: String,
+    pub(super) width: usize,
+    pub(super) groups: usize,
+    pub(super) epochs: u64,
+    pub(super) batch_size: usize,
+    pub(super) lr: f64,
+    pub(super) milestones: Vec<f64>,
+    pub(super) lr_decay: f64,
+    pub(super) optimizer: String,
+    pub(super) momentum: f64,
+    pub(super) weight_decay: f64,
+    pub(super) augment: bool,
+    pub(super) train_samples: usize,
+    pub(super) test_samples: usize,
+    pub(super) eval_batch_size: usize,
+    pub(super) eval_each_epoch: bool,
+    pub(super) seed: u64,
+    pub(super) checkpoint_every: u64,
+    pub(super) log_every: u64,
 }
 
 impl Settings {
-    fn from_config(c: &ResolvedConfig) -> Result<Self, JobError> {
+    pub(super) fn from_config(c: &ResolvedConfig) -> Result<Self, JobError> {
         let models = match c.get_str("models")? {
             "both" => vec!["resnet".to_string(), "odenet".to_string()],
             one => vec![one.to_string()],
@@ -134,20 +134,20 @@ struct State {
     results: Vec<ModelResult>,
 }
 
-enum Model {
+pub(super) enum Model {
     Res(Box<ResNet>),
     Ode(Box<OdeNet>),
 }
 
 impl Model {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Model::Res(m) => m.forward(x),
             Model::Ode(m) => m.forward(x),
         }
     }
 
-    fn stats(&self) -> Option<SolveStats> {
+    pub(super) fn stats(&self) -> Option<SolveStats> {
         match self {
             Model::Res(_) => None,
             Model::Ode(m) => Some(m.last_stats()),
@@ -155,7 +155,11 @@ impl Model {
     }
 }
 
-fn build_model(name: &str, s: &Settings, device: &Device) -> Result<(Model, VarMap), JobError> {
+pub(super) fn build_model(
+    name: &str,
+    s: &Settings,
+    device: &Device,
+) -> Result<(Model, VarMap), JobError> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = match name {
@@ -173,13 +177,13 @@ fn ckpt_err(e: impl std::fmt::Display) -> JobError {
 /// Runs the MNIST experiment.
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
     let s = Settings::from_config(config)?;
-    let device = Device::Cpu;
+    let device = ctx.device()?;
     let (train_all, test_all) = mnist_10k().map_err(|e| JobError::Data(e.to_string()))?;
     let train = train_all.take(s.train_samples);
     let test = test_all.take(s.test_samples);
     ctx.log(&format!(
         "neural-ode mnist: preset {}, models {}, width {}, {} epochs, batch {}, solver {} ({:?}), \
-         {} train / {} test images",
+         {} train / {} test images, on {}",
         config.preset(),
         s.models.join("+"),
         s.width,
@@ -188,7 +192,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         s.solver_name,
         s.solver,
         train.len(),
-        test.len()
+        test.len(),
+        device_name(&device)
     ));
 
     let mut state = State {

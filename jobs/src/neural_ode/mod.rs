@@ -4,6 +4,7 @@
 //! (one ODEBlock solved with dopri5 or RK4, backprop through the solver) on the embedded
 //! MNIST-10k subset and compares test accuracy, parameter count and NFE.
 
+pub mod bench;
 pub mod mnist;
 pub mod models;
 pub mod schema;

@@ -19,7 +19,8 @@ use trainyard_proto::{rank_event, LogLine, RankAssignment, RankEvent, RankState,
 use super::{lock, reporter, Agent, RankKey, StopReason, DEFAULT_GRACE_PERIOD};
 use crate::checkpoint::now_unix_ms;
 use crate::protocol::{
-    encode_assignment, split_line, ParsedLine, ASSIGNMENT_ENV, RANK_ENV, WORLD_SIZE_ENV,
+    encode_assignment, split_line, ParsedLine, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU,
+    DEVICE_CUDA, DEVICE_ENV, RANK_ENV, WORLD_SIZE_ENV,
 };
 
 /// Longest line kept from a rank's output; longer lines are split.
@@ -63,11 +64,18 @@ pub(crate) async fn supervise(
         0 => DEFAULT_GRACE_PERIOD,
         s => Duration::from_secs(s as u64),
     };
+    let cuda_ordinal = agent
+        .config
+        .cuda_ordinals
+        .get(&assignment.device_index)
+        .copied()
+        .filter(|_| assignment.device_kind == "gpu");
     let final_event = match spawn(
         &agent.config.work_dir,
         &agent.config.rank_command,
         &key,
         &assignment,
+        cuda_ordinal,
     ) {
         Err(e) => {
             tracing::error!(rank = %key, error = %e, "cannot start rank process");
@@ -134,12 +142,34 @@ pub(crate) async fn supervise(
     let _ = reporter.await;
 }
 
-/// Starts the rank process for `a` with `rank_command`, in a folder under `work_dir`.
+/// The device variables of a rank's environment: a rank on a real GPU (`cuda_ordinal`) sees
+/// only that GPU and trains on CUDA; a rank on an emulated GPU slot keeps
+/// `CUDA_VISIBLE_DEVICES=<slot>` as before but trains on the CPU, like a CPU rank.
+pub(crate) fn device_env(
+    a: &RankAssignment,
+    cuda_ordinal: Option<u32>,
+) -> Vec<(&'static str, String)> {
+    match cuda_ordinal {
+        Some(ordinal) => vec![
+            ("CUDA_VISIBLE_DEVICES", ordinal.to_string()),
+            (DEVICE_ENV, DEVICE_CUDA.to_string()),
+        ],
+        None if a.device_kind == "gpu" => vec![
+            ("CUDA_VISIBLE_DEVICES", a.device_index.to_string()),
+            (DEVICE_ENV, DEVICE_CPU.to_string()),
+        ],
+        None => vec![(DEVICE_ENV, DEVICE_CPU.to_string())],
+    }
+}
+
+/// Starts the rank process for `a` with `rank_command`, in a folder under `work_dir`;
+/// `cuda_ordinal` is the CUDA ordinal of the real GPU the rank was placed on, if any.
 pub(crate) fn spawn(
     work_dir: &Path,
     rank_command: &[OsString],
     key: &RankKey,
     a: &RankAssignment,
+    cuda_ordinal: Option<u32>,
 ) -> std::io::Result<Child> {
     let dir = rank_dir(work_dir, a);
     std::fs::create_dir_all(&dir)?;
@@ -154,13 +184,14 @@ pub(crate) fn spawn(
         .env(WORLD_SIZE_ENV, a.world_size.max(1).to_string())
         .env("TRAINYARD_JOB_ID", &a.job_id)
         .env("TRAINYARD_ATTEMPT", a.attempt.to_string())
+        .env(DATA_CACHE_ENV, work_dir.join("datasets"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if a.device_kind == "gpu" {
-        cmd.env("CUDA_VISIBLE_DEVICES", a.device_index.to_string());
+    for (name, value) in device_env(a, cuda_ordinal) {
+        cmd.env(name, value);
     }
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.

@@ -130,6 +130,7 @@ fn worker_config(addr: SocketAddr, work_dir: &Path) -> WorkerConfig {
         coordinator_url: format!("http://{addr}"),
         name: "test-worker".into(),
         devices: crate::parse_devices(Some("cpu:2"), 1).unwrap(),
+        cuda_ordinals: Default::default(),
         work_dir: work_dir.to_path_buf(),
         rank_command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
     }
@@ -556,7 +557,7 @@ fn rank_dies_with_the_thread_that_spawned_it() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut child = supervisor::spawn(&wd, &command, &key, &a).unwrap();
+            let mut child = supervisor::spawn(&wd, &command, &key, &a, None).unwrap();
             pid_tx.send(child.id().unwrap() as libc::pid_t).unwrap();
             // give the shell time to start; then the thread ends without killing it
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -586,6 +587,38 @@ fn rank_dies_with_the_thread_that_spawned_it() {
     assert!(
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
         "status {status:#x}"
+    );
+}
+
+#[test]
+fn device_environment_of_a_rank() {
+    let mut a = assignment("env", 0);
+    let vars = |a: &RankAssignment, o| -> Vec<(String, String)> {
+        supervisor::device_env(a, o)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    };
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    a.device_kind = "cpu".into();
+    assert_eq!(vars(&a, None), [pair("TRAINYARD_DEVICE", "cpu")]);
+    a.device_kind = "gpu".into();
+    a.device_index = 3;
+    // an emulated GPU slot: trains on the CPU
+    assert_eq!(
+        vars(&a, None),
+        [
+            pair("CUDA_VISIBLE_DEVICES", "3"),
+            pair("TRAINYARD_DEVICE", "cpu")
+        ]
+    );
+    // slot 3 is the real GPU with CUDA ordinal 1
+    assert_eq!(
+        vars(&a, Some(1)),
+        [
+            pair("CUDA_VISIBLE_DEVICES", "1"),
+            pair("TRAINYARD_DEVICE", "cuda")
+        ]
     );
 }
 

@@ -593,6 +593,11 @@ async fn fenced_writes_fail_with_not_leader_once_the_leader_key_changes() {
         s.record_checkpoint(checkpoint("job-1", 20)).await,
         Err(not_leader.clone())
     );
+    assert_eq!(
+        s.delete_checkpoint("job-1", 10).await,
+        Err(not_leader.clone()),
+        "a deposed leader's retention deletes nothing"
+    );
     // Nothing was written.
     assert_eq!(s.current_revision().await.unwrap(), before);
     assert_eq!(s.get_job("job-2").await.unwrap(), None);
