@@ -92,6 +92,15 @@ pub trait JobContext {
     ) -> Result<Option<Checkpoint>, JobError>;
     /// Publishes the final results table.
     fn results(&self, table: &ResultsTable);
+    /// The local folder holding the data set at `url` (a folder pushed with
+    /// `trainyard data push`: `file://`, `s3://`, ...). A worker downloads each data set
+    /// once into its cache, verified against the data set's manifest, and its ranks share
+    /// it. The default says the context cannot fetch data sets.
+    fn dataset(&self, url: &str) -> Result<std::path::PathBuf, JobError> {
+        Err(JobError::Data(format!(
+            "{url}: this context cannot fetch data sets"
+        )))
+    }
     /// The candle device this rank trains on: the CPU unless the rank was placed on a real
     /// GPU and the binary was built with CUDA (feature `cuda`). A job creates its model,
     /// batches and optimizer state there, and restores checkpoints onto it.

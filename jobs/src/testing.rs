@@ -238,6 +238,16 @@ impl JobContext for MemoryContext {
         self.lock().results = Some(table.clone());
     }
 
+    /// `file://` data sets are their own folder (nothing to download); others are errors.
+    fn dataset(&self, url: &str) -> Result<std::path::PathBuf, JobError> {
+        match url.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') => Ok(std::path::PathBuf::from(path)),
+            _ => Err(JobError::Data(format!(
+                "{url}: a MemoryContext reads only file:///abs/path data sets"
+            ))),
+        }
+    }
+
     fn device(&self) -> Result<candle_core::Device, JobError> {
         Ok(self.device.clone())
     }

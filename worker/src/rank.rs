@@ -30,7 +30,8 @@ use trainyard_proto::RankAssignment;
 use crate::checkpoint;
 use crate::objects::{open_objects, Objects};
 use crate::protocol::{
-    decode_assignment, RankMessage, ASSIGNMENT_ENV, DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV,
+    decode_assignment, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU, DEVICE_CUDA,
+    DEVICE_ENV,
 };
 use crate::uploader::{CheckpointUploader, Committed, UploadError, UploaderOptions};
 
@@ -595,6 +596,31 @@ impl JobContext for RankContext {
             rows: table.rows.clone(),
             notes: table.notes.clone(),
         });
+    }
+
+    /// Fetches the data set into the worker's cache ([`DATA_CACHE_ENV`], else
+    /// `./datasets` of the rank's folder): downloaded once per worker and verified, shared
+    /// by its ranks.
+    fn dataset(&self, url: &str) -> Result<std::path::PathBuf, JobError> {
+        let cache = std::env::var_os(DATA_CACHE_ENV)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from("datasets"));
+        let started = Instant::now();
+        let fetched = self
+            .runtime
+            .block_on(trainyard_objects::datasets::fetch(url, &cache))
+            .map_err(|e| JobError::Data(e.to_string()))?;
+        let how = if fetched.downloaded {
+            format!("downloaded in {:.1} s", started.elapsed().as_secs_f64())
+        } else {
+            "already in the worker's cache".to_string()
+        };
+        self.log(&format!(
+            "data set {} (digest {}): {how}",
+            trainyard_objects::redact_url(url),
+            &fetched.digest[..12.min(fetched.digest.len())]
+        ));
+        Ok(fetched.dir)
     }
 
     fn device(&self) -> Result<candle_core::Device, JobError> {

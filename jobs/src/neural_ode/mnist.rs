@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::models::{OdeNet, ResNet};
 use super::schema::milestones;
 use crate::config::ResolvedConfig;
-use crate::data::{batches, derived_rng, epoch_order, make_batch, mnist_10k, ImageDataset};
+use crate::data::{
+    batches, derived_rng, epoch_order, make_batch, mnist_10k, mnist_from_dir, ImageDataset,
+};
 use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
@@ -27,6 +29,7 @@ const CROP_PAD: usize = 4;
 /// Settings read from the resolved config.
 #[derive(Debug, Clone)]
 pub(super) struct Settings {
+    pub(super) dataset: String,
     pub(super) models: Vec<String>,
     pub(super) solver: Solver,
     pub(super) solver_name: String,
@@ -64,6 +67,7 @@ impl Settings {
             _ => Solver::Dopri5(Dopri5Options::new(c.get_f64("rtol")?, c.get_f64("atol")?)),
         };
         Ok(Self {
+            dataset: c.get_str("dataset")?.to_string(),
             models,
             solver,
             solver_name,
@@ -178,7 +182,14 @@ fn ckpt_err(e: impl std::fmt::Display) -> JobError {
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
     let s = Settings::from_config(config)?;
     let device = ctx.device()?;
-    let (train_all, test_all) = mnist_10k().map_err(|e| JobError::Data(e.to_string()))?;
+    let (train_all, test_all) = if s.dataset == super::schema::BUILTIN_MNIST {
+        mnist_10k()
+    } else {
+        let dir = ctx.dataset(&s.dataset)?;
+        ctx.log(&format!("data set {} in {}", s.dataset, dir.display()));
+        mnist_from_dir(&dir, 10)
+    }
+    .map_err(|e| JobError::Data(format!("{}: {e}", s.dataset)))?;
     let train = train_all.take(s.train_samples);
     let test = test_all.take(s.test_samples);
     ctx.log(&format!(

@@ -122,6 +122,29 @@ mod tests {
     }
 
     #[test]
+    fn trains_on_a_data_set_folder_named_by_url_and_rejects_other_values() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist-10k");
+        let url = format!("file://{}", dir.display());
+        let job = NeuralOdeJob::new();
+        let ctx = MemoryContext::new();
+        job.run(&tiny(&[("models", "resnet"), ("dataset", &url)]), &ctx)
+            .unwrap();
+        assert!(
+            ctx.logs().iter().any(|l| l.contains(&url)),
+            "{:?}",
+            ctx.logs()
+        );
+        assert!(ctx.last_metric("resnet/test_acc").is_some());
+
+        let mut o = BTreeMap::new();
+        o.insert("dataset".to_string(), "ftp://host/mnist".to_string());
+        let err = job.resolve_config("quick", &o).unwrap_err();
+        assert!(err.to_string().contains("dataset"), "{err}");
+        o.insert("dataset".to_string(), "s3://".to_string());
+        assert!(job.resolve_config("quick", &o).is_err());
+    }
+
+    #[test]
     fn resumes_from_a_checkpoint_where_it_stopped() {
         let job = NeuralOdeJob::new();
         let config = tiny(&[("models", "odenet")]);

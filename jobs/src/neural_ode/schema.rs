@@ -24,6 +24,12 @@ pub fn schema() -> ConfigSchema {
             "both",
             "train the ResNet, the ODE-Net, or both (ResNet first)",
         ),
+        ConfigKey::str(
+            "dataset",
+            BUILTIN_MNIST,
+            "the data: builtin:mnist-10k (in the binary), or the URL of a folder in MNIST layout \
+             pushed with `trainyard data push` (file://, s3://, gs://, az://)",
+        ),
         ConfigKey::choice("solver", SOLVERS, "dopri5", "ODE solver of the ODE-Net"),
         ConfigKey::float("rtol", 1e-9, 1.0, 1e-3, "dopri5 relative tolerance")
             .preset("quick", 0.1),
@@ -165,5 +171,22 @@ pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
         });
     }
     milestones(config)?;
+    let dataset = config.get_str("dataset")?;
+    let url_ok = ["file://", "s3://", "gs://", "az://"]
+        .iter()
+        .any(|scheme| dataset.len() > scheme.len() && dataset.starts_with(scheme));
+    if dataset != BUILTIN_MNIST && !url_ok {
+        return Err(ConfigError::InvalidValue {
+            key: "dataset".into(),
+            value: dataset.to_string(),
+            reason: format!(
+                "expected {BUILTIN_MNIST} or a data set URL (file:///abs/path, s3://bucket/prefix, \
+                 gs://..., az://...)"
+            ),
+        });
+    }
     Ok(())
 }
+
+/// The `dataset` value of the MNIST-10k subset embedded in the binary.
+pub const BUILTIN_MNIST: &str = "builtin:mnist-10k";
