@@ -20,6 +20,9 @@ set -euo pipefail
 
 say() { echo "[etcd] $*" >&2; }
 
+# shellcheck source=SCRIPTDIR/lib/service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service.sh"
+
 CLIENT_PORT="${TRAINYARD_ETCD_CLIENT_PORT:-23790}"
 PEER_PORT="${TRAINYARD_ETCD_PEER_PORT:-23800}"
 ENDPOINT="http://127.0.0.1:${CLIENT_PORT}"
@@ -32,32 +35,12 @@ install_etcd() {
     return
   fi
   say "etcd or etcdctl not found: installing etcd-server and etcd-client with apt-get"
-  if ! command -v apt-get >/dev/null 2>&1; then
-    say "apt-get not found: install etcd (>= 3.4, server and etcdctl) by hand, then rerun"
-    exit 1
-  fi
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    etcd-server etcd-client
+  apt_install "install etcd (>= 3.4, server and etcdctl) by hand" etcd-server etcd-client
 }
 
 healthy() {
   ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINT" --dial-timeout=1s --command-timeout=2s \
     endpoint health >/dev/null 2>&1
-}
-
-running_pid() {
-  if [ -f "$PIDFILE" ]; then
-    local pid
-    pid="$(cat "$PIDFILE")"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-      echo "$pid"
-      return 0
-    fi
-  fi
-  return 1
 }
 
 up() {
@@ -67,7 +50,7 @@ up() {
     echo "export TRAINYARD_ETCD_ENDPOINTS=$ENDPOINT"
     return
   fi
-  if pid="$(running_pid)"; then
+  if pid="$(service_running_pid "$PIDFILE")"; then
     say "etcd (pid $pid) from an earlier run is not healthy; stopping it"
     down
   fi
@@ -87,54 +70,20 @@ up() {
     --logger zap --log-outputs "$LOG" \
     >>"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  for _ in $(seq 1 100); do
-    if healthy; then
-      say "etcd is healthy (pid $(cat "$PIDFILE"))"
-      echo "export TRAINYARD_ETCD_ENDPOINTS=$ENDPOINT"
-      return
-    fi
-    if ! running_pid >/dev/null; then
-      say "etcd exited during start; last lines of $LOG:"
-      tail -n 20 "$LOG" >&2 || true
-      exit 1
-    fi
-    sleep 0.2
-  done
-  say "etcd did not become healthy within 20 s; last lines of $LOG:"
-  tail -n 20 "$LOG" >&2 || true
-  down
-  exit 1
+  # Up to 20 s; on a timeout it is stopped (`down`) and this exits 1.
+  service_wait_healthy etcd "$PIDFILE" "$LOG" 20 healthy down
+  echo "export TRAINYARD_ETCD_ENDPOINTS=$ENDPOINT"
 }
 
 down() {
-  if pid="$(running_pid)"; then
-    say "stopping etcd (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      say "etcd (pid $pid) did not stop in 5 s; killing it"
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-  else
-    say "no etcd started by this script is running on port $CLIENT_PORT"
-  fi
+  service_stop etcd "$PIDFILE" 5 "$CLIENT_PORT"
   rm -rf "$BASE"
 }
 
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  status)
-    if pid="$(running_pid)" && healthy; then
-      say "etcd (pid $pid) is healthy on $ENDPOINT"
-    else
-      say "not running on $ENDPOINT"
-      exit 1
-    fi
-    ;;
+  status) service_status etcd "$PIDFILE" healthy "$ENDPOINT" ;;
   *)
     echo "usage: scripts/etcd.sh up|down|status" >&2
     exit 2

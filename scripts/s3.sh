@@ -32,6 +32,9 @@ set -euo pipefail
 
 say() { echo "[s3] $*" >&2; }
 
+# shellcheck source=SCRIPTDIR/lib/service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service.sh"
+
 GARAGE_VERSION=2.5.0
 PORT="${TRAINYARD_S3_PORT:-39000}"
 RPC_PORT="${TRAINYARD_S3_RPC_PORT:-39001}"
@@ -89,18 +92,6 @@ healthy() {
     2>/dev/null | grep -q ' 200 '
 }
 
-running_pid() {
-  if [ -f "$PIDFILE" ]; then
-    local pid
-    pid="$(cat "$PIDFILE")"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-      echo "$pid"
-      return 0
-    fi
-  fi
-  return 1
-}
-
 print_env() {
   cat <<ENV
 export TRAINYARD_S3_ENDPOINT=$ENDPOINT
@@ -119,7 +110,7 @@ up() {
     print_env
     return
   fi
-  if pid="$(running_pid)"; then
+  if pid="$(service_running_pid "$PIDFILE")"; then
     say "garage (pid $pid) from an earlier run is not healthy; stopping it"
     down
   fi
@@ -158,42 +149,14 @@ launch() {
     nohup "$bin" -c "$BASE/garage.toml" server --single-node --default-bucket \
     >>"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  for _ in $(seq 1 150); do
-    if healthy; then
-      say "garage is healthy (pid $(cat "$PIDFILE"))"
-      print_env
-      return
-    fi
-    if ! running_pid >/dev/null; then
-      say "garage exited during start; last lines of $LOG:"
-      tail -n 20 "$LOG" >&2 || true
-      exit 1
-    fi
-    sleep 0.2
-  done
-  say "garage did not become healthy within 30 s; last lines of $LOG:"
-  tail -n 20 "$LOG" >&2 || true
-  down
-  exit 1
+  # Up to 30 s; on a timeout it is stopped and its data removed (`down`), and this exits 1.
+  service_wait_healthy garage "$PIDFILE" "$LOG" 30 healthy down
+  print_env
 }
 
-# Stops the garage this script started on $PORT (its data stays).
+# Stops the garage this script started on $PORT (its data stays): SIGKILL after 10 s.
 stop_server() {
-  if pid="$(running_pid)"; then
-    say "stopping garage (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      say "garage (pid $pid) did not stop in 10 s; killing it"
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$PIDFILE"
-  else
-    say "no garage started by this script is running on port $PORT"
-  fi
+  service_stop garage "$PIDFILE" 10 "$PORT"
 }
 
 down() {
@@ -212,7 +175,7 @@ start() {
     say "no stopped server on port $PORT (no $BASE/garage.toml): use \`up\`"
     exit 1
   fi
-  if running_pid >/dev/null; then
+  if service_running_pid "$PIDFILE" >/dev/null; then
     stop_server
   fi
   launch
@@ -224,14 +187,7 @@ case "${1:-}" in
   stop) stop_server ;;
   start) start ;;
   install) install_garage ;;
-  status)
-    if pid="$(running_pid)" && healthy; then
-      say "garage (pid $pid) is healthy on $ENDPOINT (bucket $BUCKET)"
-    else
-      say "not running on $ENDPOINT"
-      exit 1
-    fi
-    ;;
+  status) service_status garage "$PIDFILE" healthy "$ENDPOINT" "(bucket $BUCKET)" ;;
   *)
     echo "usage: scripts/s3.sh up|down|stop|start|status|install" >&2
     exit 2

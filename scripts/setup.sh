@@ -9,6 +9,9 @@ set -euo pipefail
 
 say() { echo "[setup] $*" >&2; }
 
+# shellcheck source=SCRIPTDIR/lib/service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service.sh"
+
 need_apt=()
 if ! command -v protoc >/dev/null 2>&1; then
   need_apt+=(protobuf-compiler)
@@ -19,14 +22,7 @@ fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing ${need_apt[*]} (protoc and the protobuf well-known types, needed to build the gRPC API)"
-  if ! command -v apt-get >/dev/null 2>&1; then
-    say "apt-get not found: install protoc (>= 3.15) and the protobuf include files by hand, then rerun"
-    exit 1
-  fi
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+  apt_install "install protoc (>= 3.15) and the protobuf include files by hand" \
     protobuf-compiler libprotobuf-dev
 else
   say "protoc and the protobuf well-known types are installed"
