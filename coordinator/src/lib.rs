@@ -19,6 +19,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod coordinator;
 pub mod durable;
 pub mod job_types;

@@ -8,6 +8,8 @@
 //! Feature `cuda` builds candle's CUDA backend in, so a rank placed on a real GPU trains
 //! there; without it every job trains on the CPU.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod data;
 pub mod job;
