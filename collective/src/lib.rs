@@ -9,9 +9,10 @@
 //!   code paths and tests use the same trait as a real cluster.
 //! * `nccl::Nccl` (feature `cuda`): NVIDIA NCCL over the rank's CUDA device, on candle's own
 //!   CUDA stream, so it is ordered with the training step's kernels without extra syncs.
-//! * A TCP ring for CPU ranks on several workers (host `f32` buffers) is to come; it reads
-//!   the tensors to the host (`to_vec1`), reduces, and builds the results on the input's
-//!   device, behind the same trait.
+//! * [`Ring`]: a TCP ring between rank processes (on one or several workers). It reads the
+//!   tensors to a host `f32` buffer, fuses them into one, runs a pipelined ring
+//!   reduce-scatter + all-gather, and builds the results on the inputs' devices. Every
+//!   operation has a timeout, so a dead peer is an error, never a hang.
 //!
 //! The collectives take tensors and return new ones (same shapes, dtype and device, in the
 //! same order) instead of writing into their inputs: candle tensors are immutable, and
@@ -29,11 +30,13 @@ mod id;
 mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod ring;
 
 use candle_core::{DType, Tensor};
 
 pub use id::{NcclId, NCCL_ID_BYTES};
 pub use local::Local;
+pub use ring::{Ring, RingConfig};
 
 /// How [`Collective::all_reduce`] combines the ranks' values, element-wise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,36 @@ pub enum CollectiveError {
     /// The transport between ranks failed (a peer went away, a socket error...).
     #[error("transport: {0}")]
     Transport(String),
+    /// A peer made no progress within the operation's timeout (it died, hangs, or never
+    /// called the collective).
+    #[error("{op}: timed out after {timeout:?} waiting for rank {peer}")]
+    PeerTimeout {
+        /// The peer rank waited for.
+        peer: usize,
+        /// The operation, e.g. `all_reduce` or `connect`.
+        op: &'static str,
+        /// The timeout that elapsed.
+        timeout: std::time::Duration,
+    },
+    /// The connection with a peer failed (closed, reset, or a protocol violation).
+    #[error("{op}: connection with rank {peer} failed: {reason}")]
+    PeerFailed {
+        /// The peer rank.
+        peer: usize,
+        /// The operation, e.g. `all_reduce`.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A peer's handshake did not match this rank's (another job attempt, world size or
+    /// rank): the connection is refused.
+    #[error("handshake with rank {peer} refused: {reason}")]
+    HandshakeRefused {
+        /// The peer rank (as this rank expected it).
+        peer: usize,
+        /// What did not match.
+        reason: String,
+    },
 }
 
 /// A communicator: one rank's handle on a group of ranks that run collectives together.
