@@ -604,14 +604,15 @@ impl EtcdStore {
         }
     }
 
-    /// Queues a job write for the batcher and waits for its outcome; [`batch::Outcome::Alone`]
-    /// when the batcher is gone.
+    /// Queues a job write for the batcher and waits for its outcome: `Some(revision)` when
+    /// a batch wrote it, `None` when the caller must send it alone (a compare in its batch
+    /// failed, it was alone, or the batcher is gone), `Err` when etcd failed.
     async fn write_batched(
         &self,
         key: &str,
         value: &[u8],
         kind: batch::WriteKind,
-    ) -> batch::Outcome {
+    ) -> Result<Option<Revision>, StoreError> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let queued = batch::Queued {
             key: key.to_string(),
@@ -620,9 +621,13 @@ impl EtcdStore {
             reply,
         };
         if self.inner.batcher.send(queued).is_err() {
-            return batch::Outcome::Alone;
+            return Ok(None);
         }
-        outcome.await.unwrap_or(batch::Outcome::Alone)
+        match outcome.await {
+            Ok(batch::Outcome::Written(revision)) => Ok(Some(revision)),
+            Ok(batch::Outcome::Failed(e)) => Err(e),
+            Ok(batch::Outcome::Alone) | Err(_) => Ok(None),
+        }
     }
 
     /// Decodes a job value; `Err` carries the key and the reason (the caller logs or returns it).
@@ -795,19 +800,13 @@ impl StateStore for EtcdStore {
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
         let value = job.encode_to_vec();
-        match self
-            .write_batched(&key, &value, batch::WriteKind::Create)
-            .await
-        {
-            batch::Outcome::Written(revision) => {
-                job.revision = revision;
-                return Ok(job);
-            }
-            batch::Outcome::Failed(e) => return Err(e),
-            batch::Outcome::Alone => {}
+        let kind = batch::WriteKind::Create;
+        if let Some(revision) = self.write_batched(&key, &value, kind).await? {
+            job.revision = revision;
+            return Ok(job);
         }
         let fence = self.fence();
-        let mut when = vec![Compare::create_revision(key.as_str(), CompareOp::Equal, 0)];
+        let mut when = batch::compares(&key, kind);
         let mut or_else = Vec::new();
         if let Some(f) = &fence {
             when.push(Self::fence_compare(f));
@@ -907,23 +906,13 @@ impl StateStore for EtcdStore {
         job.revision = 0;
         job.record_version = JOB_RECORD_VERSION;
         let value = job.encode_to_vec();
-        match self
-            .write_batched(&key, &value, batch::WriteKind::Update { expected })
-            .await
-        {
-            batch::Outcome::Written(revision) => {
-                job.revision = revision;
-                return Ok(job);
-            }
-            batch::Outcome::Failed(e) => return Err(e),
-            batch::Outcome::Alone => {}
+        let kind = batch::WriteKind::Update { expected };
+        if let Some(revision) = self.write_batched(&key, &value, kind).await? {
+            job.revision = revision;
+            return Ok(job);
         }
         let fence = self.fence();
-        let mut when = vec![
-            // A missing key has mod_revision 0: never let expected = 0 create it.
-            Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
-            Compare::mod_revision(key.as_str(), CompareOp::Equal, expected),
-        ];
+        let mut when = batch::compares(&key, kind);
         let mut or_else = vec![TxnOp::get(
             key.as_str(),
             Some(GetOptions::new().with_keys_only()),

@@ -46,6 +46,19 @@ pub enum WriteKind {
     },
 }
 
+/// The compares of one job write: create-if-absent, or compare-and-set (a missing key has
+/// mod_revision 0, so an update also requires the key to exist). Used by batches and by
+/// writes sent alone alike.
+pub fn compares(key: &str, kind: WriteKind) -> Vec<Compare> {
+    match kind {
+        WriteKind::Create => vec![Compare::create_revision(key, CompareOp::Equal, 0)],
+        WriteKind::Update { expected } => vec![
+            Compare::create_revision(key, CompareOp::Greater, 0),
+            Compare::mod_revision(key, CompareOp::Equal, expected),
+        ],
+    }
+}
+
 /// How a queued write ended.
 #[derive(Debug)]
 pub enum Outcome {
@@ -130,27 +143,7 @@ async fn commit(store: EtcdStore, batch: Vec<Queued>) {
     let mut when = Vec::with_capacity(batch.len() * 2 + 1);
     let mut puts = Vec::with_capacity(batch.len());
     for q in &batch {
-        match q.kind {
-            WriteKind::Create => {
-                when.push(Compare::create_revision(
-                    q.key.as_str(),
-                    CompareOp::Equal,
-                    0,
-                ));
-            }
-            WriteKind::Update { expected } => {
-                when.push(Compare::create_revision(
-                    q.key.as_str(),
-                    CompareOp::Greater,
-                    0,
-                ));
-                when.push(Compare::mod_revision(
-                    q.key.as_str(),
-                    CompareOp::Equal,
-                    expected,
-                ));
-            }
-        }
+        when.extend(compares(&q.key, q.kind));
         puts.push(TxnOp::put(q.key.as_str(), q.value.clone(), None));
     }
     if let Some(f) = &fence {
