@@ -749,6 +749,7 @@ mod tests {
             kind: k.into(),
             emulated: e,
             model: String::new(),
+            memory_bytes: 0,
         };
         assert_eq!(
             devices_summary(&[d(0, "cpu", false), d(1, "cpu", false)]),

@@ -144,6 +144,7 @@ pub fn merge(file: SpecFile, args: &SpecArgs) -> Result<JobSpec> {
         job,
         config: config.into_iter().collect(),
         ranks: args.ranks.or(file.ranks).unwrap_or(1),
+        ranks_per_worker: 0,
         priority: args.priority.or(file.priority).unwrap_or(0),
         max_restarts: args.max_restarts.or(file.max_restarts).unwrap_or(0),
         device_kind: args

@@ -89,6 +89,7 @@ async fn emulated_worker(
             kind: "gpu".into(),
             emulated: true,
             model: "emulated".into(),
+            memory_bytes: 0,
         })
         .collect();
     let reg = client

@@ -1088,6 +1088,7 @@ impl Coordinator {
                     checkpointed = true;
                     entry.history.push(at, job_event::Kind::Checkpoint(cp));
                 }
+                rank_event::Kind::Rendezvous(_) => {}
                 rank_event::Kind::Result(r) => {
                     entry.job.result = Some(r.clone());
                     need_save = true;

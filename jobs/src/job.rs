@@ -24,6 +24,10 @@ pub enum JobError {
     /// The job was asked to stop (cancel or preemption) and stopped cleanly.
     #[error("stopped on request")]
     Stopped,
+    /// A collective operation (rendezvous, all-reduce, broadcast) failed: a peer died or
+    /// hung, or the ranks disagreed. The attempt fails and restarts from its checkpoint.
+    #[error("collective: {0}")]
+    Collective(#[from] trainyard_collective::CollectiveError),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -106,6 +110,22 @@ pub trait JobContext {
     /// batches and optimizer state there, and restores checkpoints onto it.
     fn device(&self) -> Result<candle_core::Device, JobError> {
         Ok(candle_core::Device::Cpu)
+    }
+    /// Connects this rank to the other ranks of its job attempt and returns the
+    /// communicator a data-parallel job all-reduces its gradients through: NCCL when the
+    /// rank trains on a GPU, the TCP ring otherwise, and an in-process world of one when
+    /// the job has a single rank (the default here; contexts that run several ranks
+    /// override it). Call it once, after [`JobContext::device`]; every rank of the job must
+    /// call it, since the ranks rendezvous here.
+    fn communicator(&self) -> Result<Box<dyn trainyard_collective::Collective>, JobError> {
+        if self.world_size() <= 1 {
+            Ok(Box::new(trainyard_collective::Local::new()))
+        } else {
+            Err(JobError::Other(format!(
+                "this context cannot connect {} ranks",
+                self.world_size()
+            )))
+        }
     }
 }
 

@@ -302,6 +302,11 @@ impl Agent {
         }
     }
 
+    /// Hands rendezvous entries of a job attempt to its ranks on this worker.
+    pub(crate) fn rendezvous(&self, update: trainyard_proto::RendezvousUpdate) {
+        tracing::debug!(job_id = %update.job_id, attempt = update.attempt, entries = update.entries.len(), "rendezvous update");
+    }
+
     /// Stops one rank (used when the coordinator rejects its reports).
     pub(crate) fn stop_rank(&self, key: &RankKey, reason: StopReason) {
         if let Some(entry) = lock(&self.ranks).get(key) {

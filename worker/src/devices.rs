@@ -167,6 +167,7 @@ fn parse_with(
             kind: "gpu".into(),
             emulated: true,
             model: "emulated".into(),
+            memory_bytes: 0,
         });
     }
     if slots.devices.len() as u64 > MAX_SLOTS as u64 {
@@ -293,6 +294,7 @@ fn push_cpus(devices: &mut Vec<Device>, n: u32) {
             kind: "cpu".into(),
             emulated: false,
             model: String::new(),
+            memory_bytes: 0,
         });
     }
 }
@@ -304,6 +306,7 @@ fn push_gpu(slots: &mut DeviceSlots, gpu: &GpuInfo) {
         kind: "gpu".into(),
         emulated: false,
         model: gpu.model(),
+        memory_bytes: gpu.memory_bytes,
     });
     slots.cuda_ordinals.insert(index, gpu.ordinal);
 }

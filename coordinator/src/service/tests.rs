@@ -55,6 +55,7 @@ pub(super) fn devices(kind: &str, n: u32) -> Vec<Device> {
             kind: kind.to_string(),
             emulated: kind == "gpu",
             model: String::new(),
+            memory_bytes: 0,
         })
         .collect()
 }

@@ -76,6 +76,7 @@ fn stamp(mut command: WorkerCommand, term: u64) -> WorkerCommand {
     match &mut command.command {
         Some(worker_command::Command::Assign(a)) => a.leader_term = term,
         Some(worker_command::Command::Cancel(c)) => c.leader_term = term,
+        Some(worker_command::Command::Rendezvous(r)) => r.leader_term = term,
         None => {}
     }
     command
