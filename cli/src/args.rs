@@ -217,6 +217,11 @@ pub struct WorkerArgs {
     /// Scratch directory for the ranks.
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// Host name or IP address other workers' ranks reach this worker's ranks at, for the
+    /// TCP ring all-reduce (default: this machine's address on the route to the
+    /// coordinator; in Kubernetes, the pod IP).
+    #[arg(long, value_name = "HOST")]
+    pub collective_host: Option<String>,
 }
 
 /// What a job should run with: the fields of a job spec.
@@ -237,6 +242,10 @@ pub struct SpecArgs {
     /// Number of ranks (device slots), placed as one gang.
     #[arg(long)]
     pub ranks: Option<u32>,
+    /// Ranks on each worker the gang uses (must divide --ranks): 8 ranks with 4 per worker
+    /// run on 2 workers x 4 (default 0: any split, packed onto as few workers as possible).
+    #[arg(long, value_name = "N")]
+    pub ranks_per_worker: Option<u32>,
     /// Priority: higher runs first.
     #[arg(long, allow_hyphen_values = true)]
     pub priority: Option<i32>,
@@ -451,7 +460,38 @@ mod tests {
         assert_eq!(s.spec.job.as_deref(), Some("neural-ode"));
         assert_eq!(s.spec.set, vec!["a=1", "b=2"]);
         assert_eq!(s.spec.ranks, Some(2));
+        assert_eq!(s.spec.ranks_per_worker, None);
         assert_eq!(s.output.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn submit_and_run_take_ranks_per_worker() {
+        for cmd in ["submit", "run"] {
+            let cli = Cli::try_parse_from([
+                "trainyard",
+                cmd,
+                "neural-ode",
+                "--ranks",
+                "8",
+                "--ranks-per-worker",
+                "4",
+            ])
+            .unwrap();
+            let spec = match cli.command {
+                Command::Submit(s) => s.spec,
+                Command::Run(r) => r.spec,
+                _ => panic!("not {cmd}"),
+            };
+            assert_eq!((spec.ranks, spec.ranks_per_worker), (Some(8), Some(4)));
+        }
+        assert!(Cli::try_parse_from([
+            "trainyard",
+            "submit",
+            "neural-ode",
+            "--ranks-per-worker",
+            "-1"
+        ])
+        .is_err());
     }
 
     #[test]

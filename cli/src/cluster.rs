@@ -137,6 +137,7 @@ impl LocalCluster {
                 cuda_ordinals: slots.cuda_ordinals.clone(),
                 work_dir,
                 rank_command: rank_command.clone(),
+                collective_host: connect_ip.to_string(),
             };
             let mut rx = stop_rx.clone();
             let shutdown = async move {

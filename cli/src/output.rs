@@ -79,6 +79,7 @@ pub fn spec_json(s: &JobSpec) -> Value {
         "preset": s.preset,
         "config": sorted_map(&s.config),
         "ranks": s.ranks,
+        "ranks_per_worker": s.ranks_per_worker,
         "priority": s.priority,
         "max_restarts": s.max_restarts,
         "device_kind": s.device_kind,
@@ -163,7 +164,7 @@ pub fn job_json(j: &Job) -> Value {
 }
 
 fn device_json(d: &Device) -> Value {
-    json!({ "index": d.index, "kind": d.kind, "emulated": d.emulated, "model": d.model })
+    json!({ "index": d.index, "kind": d.kind, "emulated": d.emulated, "model": d.model, "memory_bytes": d.memory_bytes })
 }
 
 fn device_use_json(u: &DeviceUse) -> Value {
@@ -386,7 +387,14 @@ pub fn describe_text(j: &Job) -> String {
                 j.state_reason.clone()
             },
         ),
-        ("Ranks", spec.ranks.to_string()),
+        (
+            "Ranks",
+            if spec.ranks_per_worker > 0 {
+                format!("{} ({} per worker)", spec.ranks, spec.ranks_per_worker)
+            } else {
+                spec.ranks.to_string()
+            },
+        ),
         (
             "Device kind",
             if spec.device_kind.is_empty() {

@@ -25,6 +25,8 @@ pub struct SpecFile {
     pub config: Option<BTreeMap<String, serde_yaml::Value>>,
     /// Number of ranks.
     pub ranks: Option<u32>,
+    /// Ranks on each worker (must divide `ranks`; 0 = any split).
+    pub ranks_per_worker: Option<u32>,
     /// Priority.
     pub priority: Option<i32>,
     /// Restarts allowed.
@@ -144,7 +146,7 @@ pub fn merge(file: SpecFile, args: &SpecArgs) -> Result<JobSpec> {
         job,
         config: config.into_iter().collect(),
         ranks: args.ranks.or(file.ranks).unwrap_or(1),
-        ranks_per_worker: 0,
+        ranks_per_worker: args.ranks_per_worker.or(file.ranks_per_worker).unwrap_or(0),
         priority: args.priority.or(file.priority).unwrap_or(0),
         max_restarts: args.max_restarts.or(file.max_restarts).unwrap_or(0),
         device_kind: args
@@ -274,6 +276,9 @@ pub fn validate(mut spec: JobSpec) -> Result<JobSpec> {
             spec.ranks
         )));
     }
+    // The coordinator's rule (one implementation).
+    trainyard_coordinator::validate::validate_ranks_per_worker(spec.ranks, spec.ranks_per_worker)
+        .map_err(bad_input)?;
     if !matches!(spec.device_kind.as_str(), "" | "cpu" | "gpu") {
         return Err(bad_input(format!(
             "spec.device_kind: {:?} is not a device kind (use cpu or gpu, or leave it out for any)",
@@ -457,6 +462,60 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("keep_lastest"), "{e}");
+    }
+
+    #[test]
+    fn ranks_per_worker_comes_from_the_flag_or_the_spec_file() {
+        let s = build_spec(&args("neural-ode", &[])).unwrap();
+        assert_eq!(s.ranks_per_worker, 0, "any split by default");
+        let mut a = args("neural-ode", &[]);
+        a.ranks = Some(4);
+        a.ranks_per_worker = Some(2);
+        let s = build_spec(&a).unwrap();
+        assert_eq!((s.ranks, s.ranks_per_worker), (4, 2));
+        let file =
+            SpecFile::parse("s.yaml", "job: neural-ode\nranks: 4\nranks_per_worker: 4\n").unwrap();
+        assert_eq!(
+            merge(file, &SpecArgs::default()).unwrap().ranks_per_worker,
+            4
+        );
+        // The flag wins over the file.
+        let file = SpecFile::parse(
+            "s.json",
+            r#"{"job": "neural-ode", "ranks": 4, "ranks_per_worker": 4}"#,
+        )
+        .unwrap();
+        let a = SpecArgs {
+            ranks_per_worker: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(merge(file, &a).unwrap().ranks_per_worker, 1);
+    }
+
+    #[test]
+    fn bad_ranks_per_worker_names_the_field() {
+        let mut a = args("neural-ode", &[]);
+        a.ranks = Some(4);
+        a.ranks_per_worker = Some(3);
+        let m = msg(build_spec(&a));
+        assert!(
+            m.starts_with("spec.ranks_per_worker: 3 does not divide spec.ranks (4)"),
+            "{m}"
+        );
+        a.ranks_per_worker = Some(8);
+        let m = msg(build_spec(&a));
+        assert!(
+            m.starts_with("spec.ranks_per_worker: 8 is more than spec.ranks (4)"),
+            "{m}"
+        );
+        let file = SpecFile::parse("s.yaml", "job: neural-ode\nranks_per_worker: 2\n").unwrap();
+        let m = msg(merge(file, &SpecArgs::default()));
+        assert!(
+            m.starts_with("spec.ranks_per_worker: 2 is more than spec.ranks (1)"),
+            "{m}"
+        );
+        let e = SpecFile::parse("s.yaml", "job: neural-ode\nranks_per_worker: -2\n").unwrap_err();
+        assert!(e.to_string().contains("ranks_per_worker"), "{e}");
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //!   code paths and tests use the same trait as a real cluster.
 //! * `nccl::Nccl` (feature `cuda`): NVIDIA NCCL over the rank's CUDA device, on candle's own
 //!   CUDA stream, so it is ordered with the training step's kernels without extra syncs.
-//! * [`Ring`]: a TCP ring between rank processes (on one or several workers). It reads the
-//!   tensors to a host `f32` buffer, fuses them into one, runs a pipelined ring
-//!   reduce-scatter + all-gather, and builds the results on the inputs' devices. Every
-//!   operation has a timeout, so a dead peer is an error, never a hang.
+//! * [`Ring`]: a ring between rank processes (on one or several workers), connected over
+//!   TCP. `all_reduce` runs a pipelined ring reduce-scatter + all-gather over the sockets,
+//!   reading CPU tensors in place; when every rank of the ring is on the same host it
+//!   switches to a shared-memory segment in `/dev/shm` (chosen at connect, falling back to
+//!   TCP when any rank cannot map it). Every operation has a timeout, so a dead peer is an
+//!   error, never a hang.
 //!
 //! The collectives take tensors and return new ones (same shapes, dtype and device, in the
 //! same order) instead of writing into their inputs: candle tensors are immutable, and

@@ -1,15 +1,24 @@
-//! Placement at scale: 1,000 workers x 8 GPU slots (about a third already busy) and 10,000
-//! pending jobs with gang sizes 1, 2, 4, 8 and 16. Times one scheduling pass of
-//! `placement::place` (median of several) and a naive first-fit baseline on the same input,
-//! and prints placements per second and the ratio.
+//! Placement at scale, two scenarios, each timed as one scheduling pass of
+//! `placement::place` (median of several runs):
+//!
+//! 1. 1,000 workers x 8 GPU slots (about a third already busy) and 10,000 pending jobs with
+//!    gang sizes 1, 2, 4, 8 and 16, against a naive first-fit baseline on the same input
+//!    (placements per second and the ratio).
+//! 2. Multi-worker gangs: 2,000 workers x 8 GPU slots (about half busy) and 3,000 pending
+//!    jobs, most of 8 to 64 ranks (a third of those with `ranks_per_worker` 4 or 8), so
+//!    that most gangs span workers and many blocked jobs get reservations.
 //!
 //! Run: `cargo bench -p trainyard-coordinator --bench placement`.
 
 use std::time::{Duration, Instant};
 
-use trainyard_coordinator::scheduler::placement::{
-    place, ClusterView, PlacementResult, QueuedJob, SlotView, WorkerView,
-};
+// The placement function is pure and depends only on std and trainyard_proto: compile it
+// here directly (`fits_ever` is not benchmarked).
+#[allow(dead_code)]
+#[path = "../src/scheduler/placement.rs"]
+mod placement;
+
+use placement::{place, ClusterView, PlacementResult, QueuedJob, SlotView, WorkerView};
 
 const WORKERS: usize = 1_000;
 const SLOTS: u32 = 8;
@@ -28,14 +37,15 @@ impl Lcg {
     }
 }
 
-fn cluster(rng: &mut Lcg) -> ClusterView {
+/// `workers` workers named `<prefix>-<n>` of 8 GPU slots, each with `0..max_busy` of them
+/// busy (drawn from `rng`).
+fn random_cluster(rng: &mut Lcg, workers: usize, prefix: &str, max_busy: u32) -> ClusterView {
     ClusterView {
-        workers: (0..WORKERS)
+        workers: (0..workers)
             .map(|w| {
-                // 0..=5 of 8 slots busy: about 31% of the cluster is occupied.
-                let busy = rng.next() % 6;
+                let busy = rng.next() % max_busy;
                 WorkerView {
-                    id: format!("w-{w:04}"),
+                    id: format!("{prefix}-{w:04}"),
                     slots: (0..SLOTS)
                         .map(|i| SlotView {
                             index: i,
@@ -47,6 +57,11 @@ fn cluster(rng: &mut Lcg) -> ClusterView {
             })
             .collect(),
     }
+}
+
+fn cluster(rng: &mut Lcg) -> ClusterView {
+    // 0..=5 of 8 slots busy: about 31% of the cluster is occupied.
+    random_cluster(rng, WORKERS, "w", 6)
 }
 
 fn queue(rng: &mut Lcg) -> Vec<QueuedJob> {
@@ -65,6 +80,7 @@ fn queue(rng: &mut Lcg) -> Vec<QueuedJob> {
                 priority: (rng.next() % 4) as i32,
                 submitted_unix_ms: i as i64,
                 ranks,
+                ranks_per_worker: 0,
                 device_kind: if rng.next().is_multiple_of(4) {
                     String::new()
                 } else {
@@ -114,6 +130,56 @@ fn naive_first_fit(queue: &[QueuedJob], cluster: &ClusterView) -> usize {
     placed
 }
 
+const GANG_WORKERS: usize = 2_000;
+const GANG_JOBS: usize = 3_000;
+
+/// Scenario 2's cluster: 8 GPU slots per worker, 0..=8 busy (about half).
+fn gang_cluster(rng: &mut Lcg) -> ClusterView {
+    random_cluster(rng, GANG_WORKERS, "g", 9)
+}
+
+/// Scenario 2's queue: 30% small (1-4 ranks), 40% 8 or 16 ranks, 30% 32 or 64 ranks; a
+/// third of the gangs of 8 or more ask for 4 or 8 ranks per worker.
+fn gang_queue(rng: &mut Lcg) -> Vec<QueuedJob> {
+    (0..GANG_JOBS)
+        .map(|i| {
+            let ranks = match rng.next() % 100 {
+                0..=9 => 1,
+                10..=19 => 2,
+                20..=29 => 4,
+                30..=49 => 8,
+                50..=69 => 16,
+                70..=84 => 32,
+                _ => 64,
+            };
+            let ranks_per_worker = if ranks >= 8 {
+                [0, 0, 0, 0, 4, 8][(rng.next() % 6) as usize]
+            } else {
+                0
+            };
+            QueuedJob {
+                id: format!("gang-{i:05}"),
+                priority: (rng.next() % 3) as i32,
+                submitted_unix_ms: i as i64,
+                ranks,
+                ranks_per_worker,
+                device_kind: "gpu".to_string(),
+            }
+        })
+        .collect()
+}
+
+fn time_passes(queue: &[QueuedJob], cluster: &ClusterView) -> (Duration, PlacementResult) {
+    let mut times = Vec::new();
+    let mut result = PlacementResult::default();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        result = std::hint::black_box(place(queue, cluster));
+        times.push(t.elapsed());
+    }
+    (median(times), result)
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -151,14 +217,7 @@ fn main() {
         "placement bench: {WORKERS} workers x {SLOTS} gpu slots ({free} free), {JOBS} pending jobs (gangs 1/2/4/8/16)"
     );
 
-    let mut ours = Vec::new();
-    let mut result = PlacementResult::default();
-    for _ in 0..RUNS {
-        let t = Instant::now();
-        result = std::hint::black_box(place(&queue, &cluster));
-        ours.push(t.elapsed());
-    }
-    let ours = median(ours);
+    let (ours, result) = time_passes(&queue, &cluster);
     let placed = result.assignments.len();
     let ranks: usize = result.assignments.iter().map(|a| a.ranks.len()).sum();
 
@@ -173,9 +232,10 @@ fn main() {
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "place():          median {:8.2} ms per pass over {RUNS} runs; {placed} jobs placed ({ranks} ranks), {} waiting; {:.0} placements/s, {:.0} jobs considered/s",
+        "place():          median {:8.2} ms per pass over {RUNS} runs; {placed} jobs placed ({ranks} ranks), {} waiting, {} reservations; {:.0} placements/s, {:.0} jobs considered/s",
         ms(ours),
         result.waiting.len(),
+        result.reservations.len(),
         placed as f64 / ours.as_secs_f64(),
         JOBS as f64 / ours.as_secs_f64(),
     );
@@ -193,5 +253,46 @@ fn main() {
         "target < {} ms per pass: {}",
         target.as_millis(),
         if ours < target { "met" } else { "MISSED" }
+    );
+
+    // Scenario 2: multi-worker gangs and reservations.
+    let cluster = gang_cluster(&mut rng);
+    let queue = gang_queue(&mut rng);
+    let free: usize = cluster
+        .workers
+        .iter()
+        .map(|w| w.slots.iter().filter(|s| !s.busy).count())
+        .sum();
+    println!(
+        "\nmulti-worker gangs: {GANG_WORKERS} workers x {SLOTS} gpu slots ({free} free), {GANG_JOBS} pending jobs (30% 1-4 ranks, 40% 8/16, 30% 32/64; a third of gangs >= 8 with 4 or 8 ranks per worker)"
+    );
+    let (gangs, result) = time_passes(&queue, &cluster);
+    let placed = result.assignments.len();
+    let ranks: usize = result.assignments.iter().map(|a| a.ranks.len()).sum();
+    let multi = result
+        .assignments
+        .iter()
+        .filter(|a| {
+            let first = &a.ranks[0].worker_id;
+            a.ranks.iter().any(|r| &r.worker_id != first)
+        })
+        .count();
+    let held: usize = result.reservations.iter().map(|v| v.held_slots.len()).sum();
+    let reserved_workers: usize = result.reservations.iter().map(|v| v.worker_ids.len()).sum();
+    println!(
+        "place():          median {:8.2} ms per pass over {RUNS} runs; {placed} jobs placed ({ranks} ranks, {multi} spanning workers), {} waiting",
+        ms(gangs),
+        result.waiting.len(),
+    );
+    println!(
+        "reservations: {} ({reserved_workers} workers reserved, {held} free slots held); workers per gang of >= 8 ranks: {:.2}, of >= 32: {:.2}",
+        result.reservations.len(),
+        workers_per_gang(&result, 8),
+        workers_per_gang(&result, 32),
+    );
+    println!(
+        "target < {} ms per pass: {}",
+        target.as_millis(),
+        if gangs < target { "met" } else { "MISSED" }
     );
 }

@@ -22,6 +22,7 @@ use trainyard_proto::{
 
 use crate::durable::{self, Record, Sink, StoredHistory};
 use crate::leader::Leadership;
+use crate::rendezvous;
 use crate::retention::RetentionQueue;
 use crate::state::{
     self, cancel_ranks, now_unix_ms, CommandReceiver, JobEntry, SlotUse, State, WorkerEntry,
@@ -899,7 +900,8 @@ impl Coordinator {
     pub async fn stream_commands(&self, worker_id: &str) -> Result<CommandReceiver, OpError> {
         self.check_open()?;
         self.require_leader()?;
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let w = st
             .workers
             .get_mut(worker_id)
@@ -909,6 +911,17 @@ impl Coordinator {
             None => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 w.commands = tx;
+                // A reopened stream may have missed rendezvous entries of the attempts
+                // running here: send them again (ranks ignore keys they already have).
+                for entry in st.jobs.values() {
+                    let here = entry.job.placement.iter().any(|p| p.worker_id == worker_id);
+                    if !here || entry.job.state().is_terminal() {
+                        continue;
+                    }
+                    if let Some(update) = rendezvous::snapshot(entry) {
+                        w.send(trainyard_proto::worker_command::Command::Rendezvous(update));
+                    }
+                }
                 Ok(rx)
             }
         }
@@ -1088,7 +1101,13 @@ impl Coordinator {
                     checkpointed = true;
                     entry.history.push(at, job_event::Kind::Checkpoint(cp));
                 }
-                rank_event::Kind::Rendezvous(_) => {}
+                rank_event::Kind::Rendezvous(e) => {
+                    if let Err(why) = rendezvous::accept(entry, &e) {
+                        tracing::warn!(job = %req.job_id, rank = req.rank, key = %e.key, "rendezvous entry refused: {why}");
+                        continue;
+                    }
+                    rendezvous::fan_out(workers, entry, e);
+                }
                 rank_event::Kind::Result(r) => {
                     entry.job.result = Some(r.clone());
                     need_save = true;

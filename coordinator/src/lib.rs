@@ -26,6 +26,7 @@ pub mod durable;
 pub mod job_types;
 pub mod leader;
 pub mod lifecycle;
+pub mod rendezvous;
 pub mod retention;
 pub mod scheduler;
 pub mod service;

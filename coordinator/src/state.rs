@@ -275,6 +275,10 @@ pub struct JobEntry {
     pub durable_sent: u64,
     /// Whether the durable writer was told that the job ended.
     pub durable_finished: bool,
+    /// Rendezvous entries the ranks of the current attempt published (ring addresses, the
+    /// NCCL id); kept in memory only: after a leader change the attempt's ranks time out
+    /// in their rendezvous and the job restarts from its checkpoint.
+    pub rendezvous: BTreeMap<String, Vec<u8>>,
 }
 
 impl JobEntry {
@@ -291,6 +295,7 @@ impl JobEntry {
             adopted: HashSet::new(),
             durable_sent: 0,
             durable_finished: false,
+            rendezvous: BTreeMap::new(),
         }
     }
 
@@ -335,6 +340,7 @@ impl JobEntry {
         let state = self.job.state();
         if state == JobState::Pending || state.is_terminal() {
             self.ranks.clear();
+            self.rendezvous.clear();
             self.orphaned = false;
             self.adopted.clear();
         }

@@ -77,6 +77,30 @@ pub fn validate_checkpoint_policy(p: &CheckpointPolicy) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks `ranks_per_worker` against `ranks` (0 = any split; otherwise it must divide
+/// `ranks`, which makes it at most `ranks`). `Err` names the field:
+/// `spec.ranks_per_worker: 3 does not divide spec.ranks (8) ...`.
+pub fn validate_ranks_per_worker(ranks: u32, ranks_per_worker: u32) -> Result<(), String> {
+    if ranks_per_worker == 0 {
+        return Ok(());
+    }
+    if ranks_per_worker > ranks {
+        return Err(format!(
+            "spec.ranks_per_worker: {ranks_per_worker} is more than spec.ranks ({ranks}); the \
+             gang uses ranks / ranks_per_worker workers with ranks_per_worker ranks each \
+             (0 = any split)"
+        ));
+    }
+    if !ranks.is_multiple_of(ranks_per_worker) {
+        return Err(format!(
+            "spec.ranks_per_worker: {ranks_per_worker} does not divide spec.ranks ({ranks}); the \
+             gang uses ranks / ranks_per_worker workers with ranks_per_worker ranks each \
+             (e.g. 8 ranks with 4 per worker = 2 workers; 0 = any split)"
+        ));
+    }
+    Ok(())
+}
+
 /// A committed checkpoint named by `<job-id>/<step>` (`JobSpec.from_checkpoint`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CheckpointRef {
@@ -223,6 +247,7 @@ pub fn validate_spec(registry: &Registry, spec: Option<JobSpec>) -> Result<Valid
             spec.job, spec.ranks
         ));
     }
+    validate_ranks_per_worker(spec.ranks, spec.ranks_per_worker)?;
     if !matches!(spec.device_kind.as_str(), "" | "cpu" | "gpu") {
         return Err(format!(
             "spec.device_kind: unknown device kind \"{}\" (expected \"\", \"cpu\" or \"gpu\")",
@@ -306,6 +331,55 @@ mod tests {
             validate_spec(trainyard_jobs::registry(), None).unwrap_err(),
             "spec: missing"
         );
+    }
+
+    #[test]
+    fn ranks_per_worker_must_divide_ranks() {
+        let reg = trainyard_jobs::registry();
+        let max = reg.get("neural-ode").unwrap().max_ranks();
+        let with = |ranks, per_worker| {
+            let mut s = spec("neural-ode");
+            s.ranks = ranks;
+            s.ranks_per_worker = per_worker;
+            s
+        };
+        // 0 = any split; a divisor is kept as given.
+        assert_eq!(
+            validate_spec(reg, Some(with(1, 0)))
+                .unwrap()
+                .spec
+                .ranks_per_worker,
+            0
+        );
+        assert_eq!(
+            validate_spec(reg, Some(with(0, 1)))
+                .unwrap()
+                .spec
+                .ranks_per_worker,
+            1,
+            "ranks 0 defaults to 1 before the check"
+        );
+        if max >= 4 {
+            let v = validate_spec(reg, Some(with(4, 2))).unwrap();
+            assert_eq!((v.spec.ranks, v.spec.ranks_per_worker), (4, 2));
+        }
+        let e = err(with(1, 2));
+        assert!(
+            e.starts_with("spec.ranks_per_worker: 2 is more than spec.ranks (1)"),
+            "{e}"
+        );
+        // The rule itself, whatever the job's rank limit.
+        assert_eq!(validate_ranks_per_worker(8, 4), Ok(()));
+        assert_eq!(validate_ranks_per_worker(8, 8), Ok(()));
+        assert_eq!(validate_ranks_per_worker(8, 0), Ok(()));
+        let e = validate_ranks_per_worker(8, 3).unwrap_err();
+        assert!(
+            e.starts_with("spec.ranks_per_worker: 3 does not divide spec.ranks (8)"),
+            "{e}"
+        );
+        assert!(validate_ranks_per_worker(4, 8)
+            .unwrap_err()
+            .starts_with("spec.ranks_per_worker: 8 is more than spec.ranks (4)"));
     }
 
     fn with_policy(p: CheckpointPolicy) -> JobSpec {

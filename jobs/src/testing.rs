@@ -3,10 +3,17 @@
 //! It records logs, metrics, progress, checkpoints and the results table; `stop()` (or
 //! [`MemoryContext::stop_after_checkpoints`]) makes `should_stop()` true; and a context
 //! built with [`MemoryContext::resuming_from`] hands a saved checkpoint back to the job.
+//!
+//! Several ranks of one job run as threads of a test: [`loopback_rings`] joins `n` ranks
+//! in a `Ring` over 127.0.0.1, and [`MemoryContext::with_communicator`] hands one to each
+//! rank's context.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use trainyard_collective::{Collective, Ring, RingConfig};
 
 use crate::job::{Checkpoint, JobContext, JobError, ResultsTable};
 
@@ -41,7 +48,22 @@ pub struct MemoryContext {
     resume: Option<Checkpoint>,
     echo: bool,
     device: candle_core::Device,
+    communicator: Communicator,
     recorded: Mutex<Recorded>,
+}
+
+/// The communicator a [`MemoryContext`] hands out once.
+#[derive(Default)]
+struct Communicator(Mutex<Option<Box<dyn Collective>>>);
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = match self.0.lock() {
+            Ok(c) => c.as_ref().map(|c| c.backend()),
+            Err(_) => None,
+        };
+        f.debug_tuple("Communicator").field(&backend).finish()
+    }
 }
 
 impl Default for MemoryContext {
@@ -61,6 +83,7 @@ impl MemoryContext {
             resume: None,
             echo: false,
             device: candle_core::Device::Cpu,
+            communicator: Communicator::default(),
             recorded: Mutex::new(Recorded::default()),
         }
     }
@@ -89,6 +112,17 @@ impl MemoryContext {
     /// Makes `device()` return `device` (the CPU by default).
     pub fn with_device(mut self, device: candle_core::Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// Makes `communicator()` return `comm` (once; a second call is an error). Without
+    /// one, a context of one rank returns the in-process `Local` and larger worlds fail.
+    pub fn with_communicator(self, comm: Box<dyn Collective>) -> Self {
+        *self
+            .communicator
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(comm);
         self
     }
 
@@ -251,6 +285,56 @@ impl JobContext for MemoryContext {
     fn device(&self) -> Result<candle_core::Device, JobError> {
         Ok(self.device.clone())
     }
+
+    /// The communicator given to [`MemoryContext::with_communicator`], else the default.
+    fn communicator(&self) -> Result<Box<dyn Collective>, JobError> {
+        let given = self
+            .communicator
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match given {
+            Some(comm) => Ok(comm),
+            None if self.world_size <= 1 => Ok(Box::new(trainyard_collective::Local::new())),
+            None => Err(JobError::Other(format!(
+                "this MemoryContext has no communicator for {} ranks (with_communicator), or \
+                 it was taken already",
+                self.world_size
+            ))),
+        }
+    }
+}
+
+/// Connects a [`Ring`] of `n` ranks over 127.0.0.1 (port-0 listeners, one thread per rank
+/// while they connect) for the job attempt `attempt`; returns the rings by rank.
+pub fn loopback_rings(n: usize, attempt: &str, config: RingConfig) -> Result<Vec<Ring>, JobError> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| JobError::Other(format!("cannot listen on 127.0.0.1: {e}")))?;
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<std::io::Result<Vec<SocketAddr>>>()
+        .map_err(|e| JobError::Other(format!("listener address: {e}")))?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (addrs, config) = (&addrs, config.clone());
+                s.spawn(move || Ring::connect(addrs, rank, listener, attempt, config))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(ring) => Ok(ring?),
+                Err(_) => Err(JobError::Other("a ring connect thread panicked".into())),
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -113,11 +113,14 @@ echo "wall time: ${wall}s"
 util=$(awk -F', ' 'NR > 1 { gsub(/ %/, "", $2); if ($2 + 0 > max) max = $2 + 0 } END { print max + 0 }' \
   "$OUT/nvidia-smi-during-run.csv" 2>/dev/null)
 echo "peak GPU utilisation while running: ${util:-?}%"
+mem=$(awk -F', ' 'NR > 1 { gsub(/ MiB/, "", $3); if ($3 + 0 > max) max = $3 + 0 } END { print max + 0 }' \
+  "$OUT/nvidia-smi-during-run.csv" 2>/dev/null)
+echo "peak GPU memory used while running: ${mem:-?} MiB"
 on_gpu=no
 grep -q "on cuda:0" "$OUT/run-neural-ode.txt" && on_gpu=yes
 case $rc in
   0) if [ $on_gpu = yes ]; then
-       record "run neural-ode" PASS "$wall" "job succeeded, trained on cuda:0, peak util ${util:-?}%"
+       record "run neural-ode" PASS "$wall" "job succeeded, trained on cuda:0, peak util ${util:-?}%, peak mem ${mem:-?} MiB"
      else
        record "run neural-ode" FAIL "$wall" "job succeeded but no 'on cuda:0' in its log: trained on the CPU?"
      fi ;;

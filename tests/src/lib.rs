@@ -292,8 +292,10 @@ impl Drop for Proc {
 pub struct ClusterOptions {
     /// Number of workers.
     pub workers: usize,
-    /// `--devices` of each worker.
+    /// `--devices` of each worker (empty: none given).
     pub devices: String,
+    /// `--emulate-gpus` of each worker (0: not given).
+    pub emulate_gpus: u32,
     /// `--store` of the coordinator (`None`: the embedded store in its data directory).
     pub store: Option<String>,
     /// Extra environment of every worker process (and so of its ranks), e.g.
@@ -306,6 +308,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             workers: 2,
             devices: "cpu:1".into(),
+            emulate_gpus: 0,
             store: None,
             worker_env: Vec::new(),
         }
@@ -325,6 +328,7 @@ pub struct Cluster {
     /// Worker processes, by index; their names are `w0`, `w1`, ...
     pub workers: Vec<Proc>,
     devices: String,
+    emulate_gpus: u32,
     worker_env: Vec<(String, String)>,
     /// The coordinator's command line (a restart reuses it: same port, data dir, store).
     coordinator_args: Vec<String>,
@@ -386,6 +390,7 @@ impl Cluster {
             coordinator,
             workers: Vec::new(),
             devices: opts.devices.clone(),
+            emulate_gpus: opts.emulate_gpus,
             worker_env: opts.worker_env.clone(),
             coordinator_args: args,
             restarts: 0,
@@ -444,17 +449,21 @@ impl Cluster {
         let i = self.workers.len();
         let name = format!("w{i}");
         let work_dir = self.dir.path().join("workers").join(&name);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "worker".into(),
             "--coordinator".into(),
             self.url.clone(),
             "--name".into(),
             name.clone(),
-            "--devices".into(),
-            self.devices.clone(),
             "--work-dir".into(),
             work_dir.display().to_string(),
         ];
+        if !self.devices.is_empty() {
+            args.extend(["--devices".to_string(), self.devices.clone()]);
+        }
+        if self.emulate_gpus > 0 {
+            args.extend(["--emulate-gpus".to_string(), self.emulate_gpus.to_string()]);
+        }
         let log_path = self.dir.path().join(format!("worker-{name}.log"));
         self.workers.push(Proc::spawn_with_env(
             &format!("worker {name}"),

@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
-use trainyard_proto::{CancelRank, Device, RankAssignment, RankState, RankStatus};
+use tokio::sync::{mpsc, watch};
+use trainyard_proto::{
+    CancelRank, Device, RankAssignment, RankState, RankStatus, RendezvousEntry, RendezvousUpdate,
+};
 
 use crate::WorkerError;
 
@@ -45,6 +47,9 @@ pub struct WorkerConfig {
     pub work_dir: PathBuf,
     /// Program and arguments that start a rank process, e.g. `[current_exe, "rank"]`.
     pub rank_command: Vec<OsString>,
+    /// Host name or IP address the ranks of other workers reach this worker's ranks at
+    /// (their TCP ring listeners); see [`crate::collective_host_for`].
+    pub collective_host: String,
 }
 
 /// Identity of one rank process.
@@ -85,6 +90,8 @@ struct RankEntry {
     state: Arc<AtomicI32>,
     stop: watch::Sender<Option<StopReason>>,
     grace: Duration,
+    /// Rendezvous entries for the rank process (written to its stdin by its supervisor).
+    inbox: mpsc::UnboundedSender<RendezvousEntry>,
 }
 
 /// Assignments seen recently that have finished, so replays are ignored.
@@ -223,6 +230,7 @@ impl Agent {
             return;
         }
         let (stop_tx, stop_rx) = watch::channel(None);
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let state = Arc::new(AtomicI32::new(RankState::Starting as i32));
         {
             let mut ranks = lock(&self.ranks);
@@ -256,6 +264,7 @@ impl Agent {
                     state: state.clone(),
                     stop: stop_tx,
                     grace,
+                    inbox: inbox_tx,
                 },
             );
         }
@@ -270,7 +279,11 @@ impl Agent {
         tracing::info!(rank = %key, job = %assignment.job, device = assignment.device_index, "rank assigned");
         let agent = self.clone();
         tokio::spawn(async move {
-            supervisor::supervise(agent.clone(), key.clone(), assignment, state, stop_rx).await;
+            let channels = supervisor::Channels {
+                stop: stop_rx,
+                inbox: inbox_rx,
+            };
+            supervisor::supervise(agent.clone(), key.clone(), assignment, state, channels).await;
             agent.forget(&key);
         });
     }
@@ -302,9 +315,24 @@ impl Agent {
         }
     }
 
-    /// Hands rendezvous entries of a job attempt to its ranks on this worker.
-    pub(crate) fn rendezvous(&self, update: trainyard_proto::RendezvousUpdate) {
-        tracing::debug!(job_id = %update.job_id, attempt = update.attempt, entries = update.entries.len(), "rendezvous update");
+    /// Hands rendezvous entries of a job attempt to its ranks of exactly that attempt on
+    /// this worker (the coordinator sends them only where the attempt runs; ranks of other
+    /// attempts never see them).
+    pub(crate) fn rendezvous(&self, update: RendezvousUpdate) {
+        if !self.fenced_ok(update.leader_term, "rendezvous", &update.job_id, 0) {
+            return;
+        }
+        let ranks = lock(&self.ranks);
+        let mut delivered = 0;
+        for (k, entry) in ranks.iter() {
+            if k.job_id == update.job_id && k.attempt == update.attempt {
+                for e in &update.entries {
+                    let _ = entry.inbox.send(e.clone());
+                }
+                delivered += 1;
+            }
+        }
+        tracing::debug!(job_id = %update.job_id, attempt = update.attempt, entries = update.entries.len(), ranks = delivered, "rendezvous update");
     }
 
     /// Stops one rank (used when the coordinator rejects its reports).

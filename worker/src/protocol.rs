@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use trainyard_proto::{
-    rank_event, CheckpointInfo, LogLine, MetricPoint, Progress, RankAssignment, ResultRow,
-    ResultTable,
+    rank_event, CheckpointInfo, LogLine, MetricPoint, Progress, RankAssignment, RendezvousEntry,
+    ResultRow, ResultTable,
 };
 
 use crate::WorkerError;
@@ -37,6 +37,37 @@ pub const DEVICE_CPU: &str = "cpu";
 pub const DEVICE_CUDA: &str = "cuda";
 /// Prefix of an event line on a rank's stdout.
 pub const EVENT_PREFIX: &str = "\u{1e}trainyard:";
+
+/// Environment variable with the host name or IP address other ranks reach this worker's
+/// ranks at (the worker's `--collective-host`); a rank's TCP ring listener publishes
+/// `<host>:<port>`.
+pub const COLLECTIVE_HOST_ENV: &str = "TRAINYARD_COLLECTIVE_HOST";
+/// First word of a rendezvous line on a rank's stdin.
+pub const RENDEZVOUS_PREFIX: &str = "rendezvous";
+
+/// The stdin line (without newline) that hands a rank one rendezvous entry:
+/// `rendezvous <key> <value as hex>`.
+pub fn rendezvous_line(entry: &RendezvousEntry) -> String {
+    format!(
+        "{RENDEZVOUS_PREFIX} {} {}",
+        entry.key,
+        hex::encode(&entry.value)
+    )
+}
+
+/// Parses a line written by [`rendezvous_line`]; `None` for anything else.
+pub fn parse_rendezvous_line(line: &str) -> Option<RendezvousEntry> {
+    let mut words = line.split_whitespace();
+    if words.next()? != RENDEZVOUS_PREFIX {
+        return None;
+    }
+    let key = words.next()?.to_string();
+    let value = hex::decode(words.next().unwrap_or("")).ok()?;
+    if words.next().is_some() {
+        return None;
+    }
+    Some(RendezvousEntry { key, value })
+}
 
 /// Encodes an assignment for [`ASSIGNMENT_ENV`].
 pub fn encode_assignment(assignment: &RankAssignment) -> String {
@@ -93,6 +124,15 @@ pub enum RankMessage {
         /// Metrics at the checkpoint.
         #[serde(with = "float_map")]
         metrics: BTreeMap<String, f64>,
+    },
+    /// A rendezvous entry for the other ranks of this attempt (see
+    /// `trainyard_coordinator::rendezvous`): the coordinator pushes it to every rank of the
+    /// attempt, which reads it on stdin ([`rendezvous_line`]).
+    Rendezvous {
+        /// Key, e.g. `ring/addr/1` or `nccl/id` (no whitespace).
+        key: String,
+        /// The value's bytes as lower-case hex.
+        value_hex: String,
     },
     /// The final results table.
     Result {
@@ -154,6 +194,14 @@ impl RankMessage {
                 attempt,
                 metrics: metrics.into_iter().collect(),
             }),
+            RankMessage::Rendezvous { key, value_hex } => match hex::decode(&value_hex) {
+                Ok(value) => rank_event::Kind::Rendezvous(RendezvousEntry { key, value }),
+                Err(e) => rank_event::Kind::Log(LogLine {
+                    rank,
+                    stream: "stderr".into(),
+                    line: format!("[trainyard worker] bad rendezvous entry {key:?}: {e}"),
+                }),
+            },
             RankMessage::Result {
                 title,
                 columns,
@@ -269,6 +317,41 @@ pub mod float_map {
 mod tests {
     use super::*;
     use trainyard_proto::RankPlacement;
+
+    #[test]
+    fn rendezvous_lines_round_trip_and_reject_junk() {
+        let e = RendezvousEntry {
+            key: "nccl/id".into(),
+            value: vec![0, 1, 254, 255],
+        };
+        let line = rendezvous_line(&e);
+        assert_eq!(line, "rendezvous nccl/id 0001feff");
+        assert_eq!(parse_rendezvous_line(&line), Some(e));
+        let empty = RendezvousEntry {
+            key: "k".into(),
+            value: vec![],
+        };
+        assert_eq!(parse_rendezvous_line(&rendezvous_line(&empty)), Some(empty));
+        assert_eq!(parse_rendezvous_line("hello world"), None);
+        assert_eq!(parse_rendezvous_line("rendezvous k zz"), None);
+        assert_eq!(parse_rendezvous_line("rendezvous k 00 extra"), None);
+        assert_eq!(parse_rendezvous_line("rendezvous"), None);
+        // The event a rank publishes becomes a rendezvous rank event.
+        let msg = RankMessage::Rendezvous {
+            key: "ring/addr/1".into(),
+            value_hex: hex::encode("127.0.0.1:9"),
+        };
+        let ParsedLine::Event(parsed) = parse_line(&msg.to_line()) else {
+            panic!("not an event");
+        };
+        assert_eq!(
+            parsed.into_event_kind(1),
+            rank_event::Kind::Rendezvous(RendezvousEntry {
+                key: "ring/addr/1".into(),
+                value: b"127.0.0.1:9".to_vec()
+            })
+        );
+    }
 
     #[test]
     fn assignment_round_trip() {

@@ -33,6 +33,7 @@ use crate::protocol::{
     decode_assignment, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU, DEVICE_CUDA,
     DEVICE_ENV,
 };
+use crate::rendezvous::{self, Mailbox, Rendezvous};
 use crate::uploader::{CheckpointUploader, Committed, UploadError, UploaderOptions};
 
 /// Exit code of a rank that finished its job.
@@ -114,14 +115,17 @@ pub fn run_rank_process() -> i32 {
         encoded.as_deref(),
         Box::new(std::io::stdout()),
         &STOP_REQUESTED,
+        true,
     )
 }
 
-/// [`run_rank_process`] with its inputs made explicit (for tests).
+/// [`run_rank_process`] with its inputs made explicit (for tests); `read_stdin` starts the
+/// reader of rendezvous entries on the process's stdin.
 pub(crate) fn run_rank(
     encoded: Option<&str>,
     out: Box<dyn Write + Send>,
     stop: &'static AtomicBool,
+    read_stdin: bool,
 ) -> i32 {
     let Some(encoded) = encoded else {
         eprintln!(
@@ -159,6 +163,9 @@ pub(crate) fn run_rank(
             return EXIT_BAD_ASSIGNMENT;
         }
     };
+    if read_stdin {
+        ctx.mailbox().read_stdin();
+    }
     tracing::info!(
         job = job.name(),
         job_id = %ctx.assignment.job_id,
@@ -208,6 +215,8 @@ pub struct RankContext {
     requested_device: Option<String>,
     /// The training device, opened on first use (one CUDA context per process).
     device: Mutex<Option<candle_core::Device>>,
+    /// Rendezvous entries of this attempt's ranks (read from stdin).
+    mailbox: Arc<Mailbox>,
 }
 
 /// The device for a rank started with `DEVICE_ENV=requested`: the CPU for `cpu` or nothing,
@@ -283,6 +292,7 @@ impl RankContext {
             stop_seen: Mutex::new(None),
             requested_device: std::env::var(DEVICE_ENV).ok(),
             device: Mutex::new(None),
+            mailbox: Mailbox::new(),
         })
     }
 
@@ -290,6 +300,11 @@ impl RankContext {
     /// parent-death signal ends this process soon after.
     fn emit(&self, msg: RankMessage) {
         emit_to(&self.out, [msg]);
+    }
+
+    /// Where the rendezvous entries the agent hands this rank are collected.
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.mailbox
     }
 
     /// The background uploader's counters, `None` without an object store.
@@ -644,6 +659,32 @@ impl JobContext for RankContext {
         *slot = Some(device.clone());
         Ok(device)
     }
+
+    fn communicator(&self) -> Result<Box<dyn trainyard_collective::Collective>, JobError> {
+        let device = self.device()?;
+        let publish = |msg: RankMessage| self.emit(msg);
+        let r = Rendezvous {
+            job_id: &self.assignment.job_id,
+            attempt: self.assignment.attempt,
+            rank: self.assignment.rank as usize,
+            world_size: self.world_size() as usize,
+            mailbox: &self.mailbox,
+            publish: &publish,
+            stop: self.stop,
+        };
+        let started = Instant::now();
+        let comm = rendezvous::connect(&r, &device)?;
+        if r.world_size > 1 {
+            self.log(&format!(
+                "rank {} of {} connected ({}) in {:.1} s",
+                r.rank,
+                r.world_size,
+                comm.backend(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        Ok(comm)
+    }
 }
 
 #[cfg(test)]
@@ -920,15 +961,18 @@ mod tests {
     #[test]
     fn bad_assignments_exit_2() {
         let out = || Box::new(Capture::default()) as Box<dyn Write + Send>;
-        assert_eq!(run_rank(None, out(), leak_flag()), EXIT_BAD_ASSIGNMENT);
         assert_eq!(
-            run_rank(Some("not hex"), out(), leak_flag()),
+            run_rank(None, out(), leak_flag(), false),
+            EXIT_BAD_ASSIGNMENT
+        );
+        assert_eq!(
+            run_rank(Some("not hex"), out(), leak_flag(), false),
             EXIT_BAD_ASSIGNMENT
         );
         let mut a = assignment(String::new());
         a.config_json = "{broken".into();
         assert_eq!(
-            run_rank(Some(&encode_assignment(&a)), out(), leak_flag()),
+            run_rank(Some(&encode_assignment(&a)), out(), leak_flag(), false),
             EXIT_BAD_ASSIGNMENT
         );
         // an unknown job, with a config that does resolve
@@ -939,7 +983,7 @@ mod tests {
         a.config_json = config.to_json();
         a.job = "no-such-job".into();
         assert_eq!(
-            run_rank(Some(&encode_assignment(&a)), out(), leak_flag()),
+            run_rank(Some(&encode_assignment(&a)), out(), leak_flag(), false),
             EXIT_BAD_ASSIGNMENT
         );
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use trainyard_worker::{parse_device_slots, run_worker, WorkerConfig};
+use trainyard_worker::{collective_host_for, parse_device_slots, run_worker, WorkerConfig};
 
 use crate::args::WorkerArgs;
 use crate::client::split_urls;
@@ -34,15 +34,26 @@ pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
         .unwrap_or_else(|| PathBuf::from(".trainyard").join("workers").join(&name));
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating work directory {}", work_dir.display()))?;
+    let coordinator_url = split_urls(url).join(",");
+    let collective_host = match args.collective_host {
+        Some(h) if !h.trim().is_empty() => h.trim().to_string(),
+        Some(_) => {
+            return Err(bad_input(
+                "--collective-host: must not be empty (a host name or IP address)",
+            ))
+        }
+        None => collective_host_for(&coordinator_url),
+    };
     let config = WorkerConfig {
-        coordinator_url: split_urls(url).join(","),
+        coordinator_url,
         name: name.clone(),
         devices: slots.devices,
         cuda_ordinals: slots.cuda_ordinals,
         work_dir: absolute(&work_dir)?,
         rank_command: rank_command()?,
+        collective_host,
     };
-    tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), "worker starting");
+    tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), collective_host = %config.collective_host, "worker starting");
     run_worker(config, shutdown_signal())
         .await
         .context("worker failed")?;

@@ -169,6 +169,7 @@ pub fn first_waiting_reason(
         priority: spec.priority,
         submitted_unix_ms: 0,
         ranks: spec.ranks.max(1),
+        ranks_per_worker: spec.ranks_per_worker,
         device_kind: spec.device_kind.clone(),
     };
     place(std::slice::from_ref(&job), cluster)
@@ -281,6 +282,7 @@ impl Coordinator {
                     priority: spec.map_or(0, |s| s.priority),
                     submitted_unix_ms: e.job.created_unix_ms,
                     ranks: spec.map_or(1, |s| s.ranks.max(1)),
+                    ranks_per_worker: spec.map_or(0, |s| s.ranks_per_worker),
                     device_kind: spec.map(|s| s.device_kind.clone()).unwrap_or_default(),
                 }
             })

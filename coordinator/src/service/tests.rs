@@ -14,8 +14,9 @@ use trainyard_proto::{
     job_event, rank_event, worker_command, CancelJobRequest, CheckpointInfo, Device, GetJobRequest,
     HeartbeatRequest, Job, JobEvent, JobSpec, JobState, ListCheckpointsRequest,
     ListJobTypesRequest, ListJobsRequest, ListWorkersRequest, LogLine, MetricPoint, RankEvent,
-    RankReport, RankState, RankStateChange, RankStatus, RegisterWorkerRequest, ResultRow,
-    ResultTable, StreamCommandsRequest, SubmitJobRequest, WatchJobRequest, WorkerCommand,
+    RankReport, RankState, RankStateChange, RankStatus, RegisterWorkerRequest, RendezvousEntry,
+    ResultRow, ResultTable, StreamCommandsRequest, SubmitJobRequest, WatchJobRequest,
+    WorkerCommand,
 };
 
 use crate::{start, CoordinatorConfig, CoordinatorHandle};
@@ -990,8 +991,8 @@ async fn a_restart_keeps_jobs_requeues_orphans_and_adopts_ranks_that_come_back()
 #[tokio::test]
 async fn a_gang_is_placed_across_workers_and_succeeds_when_every_rank_has() {
     let dir = tempfile::tempdir().unwrap();
-    // Job types registered today run one rank; store a 2-rank job directly (as a future
-    // data-parallel job would be) so that the coordinator recovers and gang-places it.
+    // Store a 2-rank job directly (its config is not a real job's) so that the coordinator
+    // recovers and gang-places it.
     let gang_id = {
         let store = crate::store::EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
         let job = Job {
@@ -1034,6 +1035,63 @@ async fn a_gang_is_placed_across_workers_and_succeeds_when_every_rank_has() {
     } else {
         (&mut w2, &mut w1)
     };
+    // Rendezvous: each rank publishes its ring address; both workers get both entries,
+    // and an entry from another attempt is dropped.
+    let entry = |key: &str, value: &str| RendezvousEntry {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    };
+    assert!(
+        !first
+            .report(
+                &gang_id,
+                9,
+                1,
+                vec![rank_event::Kind::Rendezvous(entry(
+                    "ring/addr/1",
+                    "stale:1"
+                ))]
+            )
+            .await,
+        "a report of another attempt is not accepted"
+    );
+    assert!(
+        first
+            .report(
+                &gang_id,
+                1,
+                1,
+                vec![rank_event::Kind::Rendezvous(entry("ring/addr/1", "h1:1"))]
+            )
+            .await
+    );
+    assert!(
+        second
+            .report(
+                &gang_id,
+                1,
+                0,
+                vec![rank_event::Kind::Rendezvous(entry("ring/addr/0", "h0:1"))]
+            )
+            .await
+    );
+    for w in [&mut *first, &mut *second] {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match w.next_command().await {
+                worker_command::Command::Rendezvous(u) => {
+                    assert_eq!((u.job_id.as_str(), u.attempt), (gang_id.as_str(), 1));
+                    assert!(u.leader_term > 0, "rendezvous updates are fenced");
+                    got.extend(u.entries);
+                }
+                other => panic!("expected a rendezvous update, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            got,
+            vec![entry("ring/addr/1", "h1:1"), entry("ring/addr/0", "h0:1")]
+        );
+    }
     // Rank 1 finishes before rank 0 even reports RUNNING.
     assert!(
         first

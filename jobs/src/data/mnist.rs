@@ -67,6 +67,18 @@ impl ImageDataset {
         &self.images[i * n..(i + 1) * n]
     }
 
+    /// Images `start..end` (clamped to the data set), e.g. one rank's share of a test set.
+    pub fn slice(&self, start: usize, end: usize) -> Self {
+        let end = end.min(self.len());
+        let start = start.min(end);
+        let px = self.rows * self.cols;
+        Self {
+            images: self.images[start * px..end * px].to_vec(),
+            labels: self.labels[start..end].to_vec(),
+            ..*self
+        }
+    }
+
     /// The first `n` images (all of them if `n >= len()`).
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.len());
@@ -178,6 +190,13 @@ mod tests {
         assert!(img.iter().any(|p| *p > 200));
         assert_eq!(train.take(10).len(), 10);
         assert_eq!(train.take(10).image(9), train.image(9));
+        let part = test.slice(1000, 1010);
+        assert_eq!(
+            (part.len(), part.image(3), part.labels[3]),
+            (10, test.image(1003), test.labels[1003])
+        );
+        assert_eq!(test.slice(1990, 5000).len(), 10);
+        assert!(test.slice(3000, 4000).is_empty());
     }
 
     #[test]

@@ -5,7 +5,12 @@
 //!
 //! With the same config, seed and batch, the loss before the first update is the same on
 //! every device up to rounding: a cheap cross-device correctness check.
+//!
+//! [`data_parallel_throughput`] measures data-parallel scaling instead: the whole job,
+//! trained by `n` ranks that are threads of this process joined by a TCP ring over
+//! loopback (`cargo bench -p trainyard-jobs --bench scaling` prints the table).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -14,7 +19,9 @@ use rand::RngCore;
 use super::mnist::{build_model, Settings};
 use crate::config::ResolvedConfig;
 use crate::data::{batches, derived_rng, epoch_order, make_batch, mnist_10k};
-use crate::job::{device_name, JobError};
+use crate::job::{device_name, Job, JobError};
+use crate::neural_ode::NeuralOdeJob;
+use crate::testing::{loopback_rings, MemoryContext};
 use crate::train::{count_params, init_pytorch_style, named_vars, Optimizer};
 
 /// What [`time_training_steps`] measured.
@@ -110,6 +117,136 @@ pub fn time_training_steps(
     })
 }
 
+/// What [`data_parallel_throughput`] measured (rank 0's figures, averaged over the ranks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingRow {
+    /// `resnet` or `odenet`.
+    pub model: String,
+    /// Ranks (threads of this process).
+    pub ranks: usize,
+    /// Batch of each rank; the global batch is `batch × ranks`.
+    pub batch: usize,
+    /// Training steps each rank took.
+    pub steps: usize,
+    /// Training samples per second over all ranks (steps only: no evaluation).
+    pub samples_per_second: f64,
+    /// Fraction of a step spent in collectives (gradient all-reduce, metric average, the
+    /// stop agreement), waiting for the slowest rank included.
+    pub comm_share: f64,
+    /// Wall seconds of the whole run (connect, train, evaluate).
+    pub wall_seconds: f64,
+}
+
+/// The config [`data_parallel_throughput`] trains: the `quick` preset's `model` with
+/// `overrides`, one epoch of `steps` steps of `batch` images per rank on `ranks` ranks, a
+/// small final evaluation, no checkpoints but the boundary ones, and few logs.
+pub fn scaling_config(
+    model: &str,
+    ranks: usize,
+    batch: usize,
+    steps: usize,
+    overrides: &BTreeMap<String, String>,
+) -> Result<ResolvedConfig, JobError> {
+    if ranks == 0 || batch == 0 || steps == 0 {
+        return Err(JobError::Other(
+            "ranks, batch and steps must be at least 1".to_string(),
+        ));
+    }
+    let mut o: BTreeMap<String, String> = [
+        ("models", model.to_string()),
+        ("epochs", "1".to_string()),
+        ("batch_size", batch.to_string()),
+        ("train_samples", (steps * batch * ranks).to_string()),
+        ("test_samples", "100".to_string()),
+        ("eval_batch_size", "100".to_string()),
+        ("checkpoint_every", "0".to_string()),
+        ("log_every", "1000000".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    o.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(NeuralOdeJob::new().resolve_config("quick", &o)?)
+}
+
+/// The [`ScalingRow`] of a run of [`scaling_config`] from rank 0's context.
+pub fn scaling_row(
+    model: &str,
+    ranks: usize,
+    batch: usize,
+    rank0: &MemoryContext,
+    wall_seconds: f64,
+) -> Result<ScalingRow, JobError> {
+    let metric = |name: &str| {
+        rank0
+            .last_metric(&format!("{model}/{name}"))
+            .ok_or_else(|| JobError::Other(format!("the job reported no {model}/{name}")))
+    };
+    Ok(ScalingRow {
+        model: model.to_string(),
+        ranks,
+        batch,
+        steps: rank0.metric_values(&format!("{model}/train_loss")).len(),
+        samples_per_second: metric("samples_per_second")?,
+        comm_share: metric("comm_share")?,
+        wall_seconds,
+    })
+}
+
+/// Trains [`scaling_config`] data-parallel on `ranks` threads of this process, each with its
+/// own [`MemoryContext`] and a TCP ring over 127.0.0.1, and returns its throughput (the
+/// job's `samples_per_second` and `comm_share` metrics). Each rank uses as many CPU threads
+/// as `RAYON_NUM_THREADS` says (all CPUs when unset). candle sizes its CPU thread pools once
+/// per process and the ranks share them: set the variable before the process's first tensor
+/// operation (the `scaling` bench does).
+pub fn data_parallel_throughput(
+    model: &str,
+    ranks: usize,
+    batch: usize,
+    steps: usize,
+    overrides: &BTreeMap<String, String>,
+) -> Result<ScalingRow, JobError> {
+    let config = scaling_config(model, ranks, batch, steps, overrides)?;
+    let job = NeuralOdeJob::new();
+    let started = Instant::now();
+    let rings = loopback_rings(ranks, "scaling-bench", Default::default())?;
+    let contexts: Vec<MemoryContext> = rings
+        .into_iter()
+        .zip(0u32..)
+        .map(|(ring, r)| {
+            MemoryContext::new()
+                .with_rank(r, ranks as u32)
+                .with_communicator(Box::new(ring))
+        })
+        .collect();
+    let results: Vec<Result<(), JobError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = contexts
+            .iter()
+            .map(|ctx| {
+                let (job, config) = (&job, &config);
+                s.spawn(move || job.run(config, ctx))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(JobError::Other("a rank thread panicked".into())))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    scaling_row(
+        model,
+        ranks,
+        batch,
+        &contexts[0],
+        started.elapsed().as_secs_f64(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +274,23 @@ mod tests {
             let b = time_training_steps(&c, model, 8, 0, 1, &Device::Cpu).unwrap();
             assert_eq!(a.first_loss, b.first_loss);
         }
+    }
+
+    #[test]
+    fn measures_data_parallel_throughput() {
+        let o: BTreeMap<String, String> = [("width", "4"), ("groups", "2")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let one = data_parallel_throughput("resnet", 1, 8, 2, &o).unwrap();
+        assert_eq!((one.ranks, one.batch, one.steps), (1, 8, 2));
+        assert!(one.samples_per_second > 0.0);
+        assert_eq!(one.comm_share, 0.0);
+        let two = data_parallel_throughput("resnet", 2, 8, 2, &o).unwrap();
+        assert_eq!((two.ranks, two.steps), (2, 2));
+        assert!(two.comm_share > 0.0 && two.comm_share < 1.0, "{two:?}");
+        assert!(data_parallel_throughput("resnet", 0, 8, 2, &o).is_err());
+        assert!(scaling_config("resnet", 2, 8, 0, &o).is_err());
     }
 
     #[test]

@@ -1,11 +1,26 @@
 //! `experiment=mnist`: trains the ResNet and/or the ODE-Net on MNIST-10k, with
 //! checkpoints every `checkpoint_every` steps and at each model boundary, and exact
 //! resume (the batch order and augmentation are derived from `(seed, epoch, step)`).
+//!
+//! Training is data-parallel over the job's ranks ([`DataParallel`]), as PyTorch's DDP:
+//! `batch_size` is the per-rank batch, so the global batch is `batch_size × ranks` (and an
+//! epoch has `ranks` times fewer steps); each epoch's shuffled order is sharded by rank,
+//! gradients are averaged before every optimizer step, every rank starts from rank 0's
+//! parameters, and the test set is split into contiguous shards whose counts are summed.
+//! Rank 0 alone reports metrics (averaged over the ranks), progress and logs, saves
+//! checkpoints and publishes the results; every rank restores the same checkpoint. With
+//! one rank nothing of this costs anything, and training is what it was before.
+//!
+//! Two ranks of batch `B` take the same steps as one rank of batch `2B` (up to float
+//! rounding), with two exceptions: dopri5's adaptive step size depends on the whole batch
+//! it integrates (the error norm is over the batch), so each rank's ODE solve differs from
+//! the one solve of the global batch (use `solver=rk4` for exact equivalence); and the
+//! random crops (`augment=true`) are drawn per rank.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Module, VarBuilder, VarMap};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -19,7 +34,8 @@ use crate::data::{
 use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
-    count_params, evaluate, init_pytorch_style, named_vars, Optimizer, PiecewiseLr,
+    count_params, evaluate, init_pytorch_style, named_vars, DataParallel, EvalResult, Optimizer,
+    PiecewiseLr,
 };
 
 const STATE_VERSION: u32 = 1;
@@ -136,6 +152,13 @@ struct State {
     phase_seconds: f64,
     /// Results of finished models.
     results: Vec<ModelResult>,
+    /// Ranks that trained (the epoch and step above count steps of their global batch).
+    #[serde(default = "one_rank")]
+    world_size: u32,
+}
+
+fn one_rank() -> u32 {
+    1
 }
 
 pub(super) enum Model {
@@ -182,30 +205,47 @@ fn ckpt_err(e: impl std::fmt::Display) -> JobError {
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
     let s = Settings::from_config(config)?;
     let device = ctx.device()?;
+    // Every rank joins the others here (a world of one connects to nobody).
+    let mut dp = DataParallel::from_context(ctx, &device)?;
+    let primary = dp.is_primary();
     let (train_all, test_all) = if s.dataset == super::schema::BUILTIN_MNIST {
         mnist_10k()
     } else {
         let dir = ctx.dataset(&s.dataset)?;
-        ctx.log(&format!("data set {} in {}", s.dataset, dir.display()));
+        if primary {
+            ctx.log(&format!("data set {} in {}", s.dataset, dir.display()));
+        }
         mnist_from_dir(&dir, 10)
     }
     .map_err(|e| JobError::Data(format!("{}: {e}", s.dataset)))?;
     let train = train_all.take(s.train_samples);
     let test = test_all.take(s.test_samples);
-    ctx.log(&format!(
-        "neural-ode mnist: preset {}, models {}, width {}, {} epochs, batch {}, solver {} ({:?}), \
-         {} train / {} test images, on {}",
-        config.preset(),
-        s.models.join("+"),
-        s.width,
-        s.epochs,
-        s.batch_size,
-        s.solver_name,
-        s.solver,
-        train.len(),
-        test.len(),
-        device_name(&device)
-    ));
+    let world = dp.world_size();
+    if primary {
+        let parallel = if world > 1 {
+            format!(
+                " x {world} ranks (global batch {}, {} backend)",
+                s.batch_size * world,
+                dp.backend()
+            )
+        } else {
+            String::new()
+        };
+        ctx.log(&format!(
+            "neural-ode mnist: preset {}, models {}, width {}, {} epochs, batch {}{parallel}, \
+             solver {} ({:?}), {} train / {} test images, on {}",
+            config.preset(),
+            s.models.join("+"),
+            s.width,
+            s.epochs,
+            s.batch_size,
+            s.solver_name,
+            s.solver,
+            train.len(),
+            test.len(),
+            device_name(&device)
+        ));
+    }
 
     let mut state = State {
         version: STATE_VERSION,
@@ -218,6 +258,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         seed: s.seed,
         phase_seconds: 0.0,
         results: Vec::new(),
+        world_size: world as u32,
     };
     let mut restored: Option<BTreeMap<String, Tensor>> = None;
     if let Some(cp) = ctx.restore_checkpoint(&device)? {
@@ -238,10 +279,12 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
                 s.models.join("+")
             )));
         }
-        let msg = format!("resumed from checkpoint at step {}", cp.step);
-        tracing::info!("{msg}");
-        ctx.log(&msg);
-        ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
+        if primary {
+            let msg = format!("resumed from checkpoint at step {}", cp.step);
+            tracing::info!("{msg}");
+            ctx.log(&msg);
+            ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
+        }
         if st.in_progress {
             restored = Some(cp.tensors);
         }
@@ -249,7 +292,16 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     }
 
     while state.phase < s.models.len() {
-        let result = train_model(&s, &train, &test, &device, &mut state, restored.take(), ctx)?;
+        let result = train_model(
+            &s,
+            &train,
+            &test,
+            &device,
+            &mut state,
+            restored.take(),
+            ctx,
+            &mut dp,
+        )?;
         state.results.push(result);
         state.phase += 1;
         state.in_progress = false;
@@ -260,14 +312,18 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             state.model = next.clone();
         }
         // Boundary checkpoint: the finished model's results are in the state.
-        save(ctx, &state, BTreeMap::new(), &[])?;
+        if primary {
+            save(ctx, &state, BTreeMap::new(), &[])?;
+        }
     }
 
-    let table = results_table(&s, &state.results);
-    for note in &table.notes {
-        ctx.log(note);
+    if primary {
+        let table = results_table(&s, world, &state.results);
+        for note in &table.notes {
+            ctx.log(note);
+        }
+        ctx.results(&table);
     }
-    ctx.results(&table);
     Ok(())
 }
 
@@ -302,6 +358,91 @@ fn model_tensors(
     Ok(out)
 }
 
+/// `vars` in the order the forward pass uses them (stem, body, head; by name within each),
+/// so that [`DataParallel`] fills its gradient buckets from the head back, the order
+/// backward produces the gradients in.
+fn forward_order(vars: &[(String, Var)]) -> Vec<(String, Var)> {
+    let stage = |name: &str| match name.split('.').next() {
+        Some("stem") => 0,
+        Some("head") => 2,
+        _ => 1,
+    };
+    let mut out = vars.to_vec();
+    out.sort_by(|a, b| (stage(&a.0), &a.0).cmp(&(stage(&b.0), &b.0)));
+    out
+}
+
+/// A test-set evaluation summed over the ranks: accuracy, loss and mean NFE per test batch.
+struct ShardedEval {
+    result: EvalResult,
+    nfe_forward: Option<f64>,
+    nfe_backward: Option<f64>,
+}
+
+/// Evaluates `model` on this rank's contiguous share of `test` (rank `r` of `n` takes
+/// images `r·N/n .. (r+1)·N/n`, no padding) and sums correct predictions, losses and NFE
+/// over the ranks. With one rank it is [`evaluate`] over the whole set.
+fn evaluate_sharded(
+    model: &Model,
+    test: &ImageDataset,
+    batch_size: usize,
+    device: &Device,
+    dp: &mut DataParallel,
+    mut on_batch: impl FnMut(usize, usize),
+) -> Result<ShardedEval, JobError> {
+    let (rank, world) = (dp.rank(), dp.world_size());
+    let sliced;
+    let shard = if world > 1 {
+        sliced = test.slice(rank * test.len() / world, (rank + 1) * test.len() / world);
+        &sliced
+    } else {
+        test
+    };
+    let mut nfe_f = Vec::new();
+    let mut nfe_b = Vec::new();
+    let r = evaluate(
+        shard,
+        batch_size,
+        device,
+        |x| {
+            let out = model.forward(x)?;
+            if let Some(st) = model.stats() {
+                nfe_f.push(st.nfe_forward as f64);
+                nfe_b.push(st.nfe_backward as f64);
+            }
+            Ok(out)
+        },
+        &mut on_batch,
+    )?;
+    let sums = dp.sum_values(&[
+        (r.accuracy * r.examples as f64).round(),
+        r.loss * r.examples as f64,
+        r.examples as f64,
+        r.batches as f64,
+        nfe_f.iter().sum(),
+        nfe_b.iter().sum(),
+        nfe_f.len() as f64,
+    ])?;
+    let result = if world > 1 {
+        let examples = sums[2].max(1.0);
+        EvalResult {
+            accuracy: sums[0] / examples,
+            loss: sums[1] / examples,
+            examples: sums[2] as usize,
+            batches: sums[3] as usize,
+        }
+    } else {
+        r
+    };
+    let nfe_batches = sums[6];
+    let mean = |sum: f64| (nfe_batches > 0.0).then(|| sum / nfe_batches);
+    Ok(ShardedEval {
+        result,
+        nfe_forward: mean(sums[4]),
+        nfe_backward: mean(sums[5]),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train_model(
     s: &Settings,
@@ -311,7 +452,10 @@ fn train_model(
     state: &mut State,
     restored: Option<BTreeMap<String, Tensor>>,
     ctx: &dyn JobContext,
+    dp: &mut DataParallel,
 ) -> Result<ModelResult, JobError> {
+    let primary = dp.is_primary();
+    let world = dp.world_size();
     let name = state.model.clone();
     let (model, varmap) = build_model(&name, s, device)?;
     let phase_seed = s.seed.wrapping_add(state.phase as u64);
@@ -342,27 +486,56 @@ fn train_model(
             .collect();
         opt.load_state(&opt_state).map_err(ckpt_err)?;
     }
-    if !state.in_progress {
+    // Every rank starts from rank 0's parameters (after a restore too: every rank restored
+    // the same checkpoint, and so the same optimizer state).
+    let dp_vars = forward_order(&vars);
+    dp.broadcast_params(&dp_vars)?;
+    let timing_before = dp.timing();
+    if !state.in_progress && primary {
         ctx.log(&format!("training {name}: {params} parameters"));
     }
     state.in_progress = true;
-    ctx.metrics(
-        state.global_step,
-        &[(&format!("{name}/params"), params as f64)],
-    );
+    if primary {
+        ctx.metrics(
+            state.global_step,
+            &[(&format!("{name}/params"), params as f64)],
+        );
+    }
 
-    let order0 = epoch_order(train.len(), phase_seed, 0);
-    let steps_per_epoch = batches(&order0, s.batch_size, true).len() as u64;
+    // Each rank's share of every epoch (DistributedSampler), batched per rank: an epoch has
+    // the same number of steps on every rank.
+    let shard0 = dp.shard(&epoch_order(train.len(), phase_seed, 0));
+    let steps_per_epoch = batches(&shard0, s.batch_size, true).len() as u64;
+    if state.world_size != world as u32 {
+        // A checkpoint of another world size: keep its epoch, and its step where the epoch
+        // still has it (the samples of the rest of the epoch are drawn anew).
+        if primary {
+            ctx.log(&format!(
+                "the checkpoint was written by {} rank(s), this attempt runs {world}: resuming \
+                 at epoch {} step {} of {steps_per_epoch}",
+                state.world_size,
+                state.epoch + 1,
+                state.step_in_epoch.min(steps_per_epoch)
+            ));
+        }
+        if state.step_in_epoch >= steps_per_epoch {
+            state.epoch += 1;
+            state.step_in_epoch = 0;
+        }
+        state.world_size = world as u32;
+    }
     let total_steps = steps_per_epoch * s.epochs;
     let schedule = PiecewiseLr::from_fractions(s.lr, &s.milestones, total_steps, s.lr_decay);
     let started = Instant::now();
     let base_seconds = state.phase_seconds;
     let mut last_saved = state.global_step;
-    let mut train_nfe: Vec<usize> = Vec::new();
+    let mut train_nfe: Vec<f64> = Vec::new();
     let stage = format!("train {name}");
+    // Random crops: rank 0 draws what a single rank draws, the others their own streams.
+    let augment_stream = 2 | ((dp.rank() as u64) << 32);
 
     while state.epoch < s.epochs {
-        let order = epoch_order(train.len(), phase_seed, state.epoch);
+        let order = dp.shard(&epoch_order(train.len(), phase_seed, state.epoch));
         let epoch_batches = batches(&order, s.batch_size, true);
         // keep only the current (in the end: the last) epoch's training NFE
         train_nfe.clear();
@@ -370,57 +543,74 @@ fn train_model(
         let mut loss_n = 0usize;
         while state.step_in_epoch < steps_per_epoch {
             state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            if ctx.should_stop() {
-                if state.global_step > last_saved {
-                    save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
+            dp.begin_step();
+            // All ranks stop at the same step once any of them is asked to.
+            if dp.any(ctx.should_stop())? {
+                if primary {
+                    if state.global_step > last_saved {
+                        save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
+                    }
+                    ctx.log(&format!(
+                        "stopping at step {} on request",
+                        state.global_step
+                    ));
                 }
-                ctx.log(&format!(
-                    "stopping at step {} on request",
-                    state.global_step
-                ));
                 return Err(JobError::Stopped);
             }
             let phase_step = state.epoch * steps_per_epoch + state.step_in_epoch;
             let lr = schedule.lr_at(phase_step);
             opt.set_lr(lr);
             let idx = &epoch_batches[state.step_in_epoch as usize];
-            let mut rng = derived_rng(phase_seed, 2, state.epoch, state.step_in_epoch);
+            let mut rng = derived_rng(phase_seed, augment_stream, state.epoch, state.step_in_epoch);
             let augment = s.augment.then_some((CROP_PAD, &mut rng));
             let (x, y) = make_batch(train, idx, augment, device)?;
             let logits = model.forward(&x)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
+            let mut grads = loss.backward()?;
+            dp.all_reduce_grads(&dp_vars, &mut grads)?;
+            // The loss and NFE of the global batch: the means over the ranks.
+            let stats = model.stats();
+            let mut local = vec![(
+                format!("{name}/train_loss"),
+                loss.to_scalar::<f32>()? as f64,
+            )];
+            if let Some(st) = stats {
+                local.push((format!("{name}/nfe_forward"), st.nfe_forward as f64));
+                local.push((format!("{name}/nfe_backward"), st.nfe_backward as f64));
+            }
+            let mut m = dp.average_metrics(&local)?;
+            let loss_v = m[0].1;
+            // Every rank sees the same mean, so they all fail here together.
             if !loss_v.is_finite() {
                 return Err(JobError::Other(format!(
                     "{name}: training loss is {loss_v} at step {} (lr {lr}); try a lower lr",
                     state.global_step
                 )));
             }
-            let grads = loss.backward()?;
             opt.step(&grads)?;
+            dp.end_step();
             loss_sum += loss_v;
             loss_n += 1;
 
             state.step_in_epoch += 1;
             state.global_step += 1;
-            let mut m: Vec<(String, f64)> = vec![
-                (format!("{name}/train_loss"), loss_v),
-                (format!("{name}/lr"), lr),
-            ];
-            let stats = model.stats();
-            if let Some(st) = stats {
-                train_nfe.push(st.nfe_forward);
-                m.push((format!("{name}/nfe_forward"), st.nfe_forward as f64));
-                m.push((format!("{name}/nfe_backward"), st.nfe_backward as f64));
+            // [loss, nfe_forward, nfe_backward] when the model reports solver stats
+            let nfe = stats.map(|_| (m[1].1, m[2].1));
+            if let Some((f, _)) = nfe {
+                train_nfe.push(f);
             }
-            let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            ctx.metrics(state.global_step, &m_ref);
-            ctx.progress(&stage, phase_step + 1, total_steps);
-            if state.global_step.is_multiple_of(s.log_every)
-                || state.step_in_epoch == steps_per_epoch
+            m.insert(1, (format!("{name}/lr"), lr));
+            if primary {
+                let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                ctx.metrics(state.global_step, &m_ref);
+                ctx.progress(&stage, phase_step + 1, total_steps);
+            }
+            if primary
+                && (state.global_step.is_multiple_of(s.log_every)
+                    || state.step_in_epoch == steps_per_epoch)
             {
-                let nfe = stats
-                    .map(|st| format!(" nfe {}/{}", st.nfe_forward, st.nfe_backward))
+                let nfe = nfe
+                    .map(|(f, b)| format!(" nfe {f}/{b}"))
                     .unwrap_or_default();
                 let line = format!(
                     "{name} epoch {}/{} step {}/{} loss {:.4} lr {:.4}{nfe} ({:.1}s)",
@@ -439,31 +629,34 @@ fn train_model(
                 state.epoch += 1;
                 state.step_in_epoch = 0;
                 let mean = loss_sum / loss_n.max(1) as f64;
-                ctx.metrics(
-                    state.global_step,
-                    &[(&format!("{name}/epoch_train_loss"), mean)],
-                );
-                if s.eval_each_epoch && state.epoch < s.epochs {
-                    let r = evaluate(
-                        test,
-                        s.eval_batch_size,
-                        device,
-                        |x| model.forward(x),
-                        |_, _| {},
-                    )?;
+                if primary {
                     ctx.metrics(
                         state.global_step,
-                        &[(&format!("{name}/test_acc"), r.accuracy)],
+                        &[(&format!("{name}/epoch_train_loss"), mean)],
                     );
-                    ctx.log(&format!(
-                        "{name} epoch {} test accuracy {:.2}%",
-                        state.epoch,
-                        100.0 * r.accuracy
-                    ));
+                }
+                if s.eval_each_epoch && state.epoch < s.epochs {
+                    let r =
+                        evaluate_sharded(&model, test, s.eval_batch_size, device, dp, |_, _| {})?
+                            .result;
+                    if primary {
+                        ctx.metrics(
+                            state.global_step,
+                            &[(&format!("{name}/test_acc"), r.accuracy)],
+                        );
+                        ctx.log(&format!(
+                            "{name} epoch {} test accuracy {:.2}%",
+                            state.epoch,
+                            100.0 * r.accuracy
+                        ));
+                    }
                 }
             }
             state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            if s.checkpoint_every > 0 && state.global_step.is_multiple_of(s.checkpoint_every) {
+            if primary
+                && s.checkpoint_every > 0
+                && state.global_step.is_multiple_of(s.checkpoint_every)
+            {
                 save(
                     ctx,
                     state,
@@ -479,35 +672,54 @@ fn train_model(
     }
     let train_seconds = base_seconds + started.elapsed().as_secs_f64();
 
+    // Throughput of this attempt's steps and their communication share, averaged over ranks.
+    let timing = dp.timing();
+    let steps = timing.steps - timing_before.steps;
+    let step_seconds = timing.step_seconds - timing_before.step_seconds;
+    let comm_seconds = timing.step_comm_seconds - timing_before.step_comm_seconds;
+    // (Every rank took the same steps, so every rank runs this collective or none does.)
+    let throughput = if steps > 0 {
+        let step_seconds = step_seconds.max(f64::MIN_POSITIVE);
+        dp.average_metrics(&[
+            (
+                format!("{name}/samples_per_second"),
+                (steps as usize * s.batch_size * world) as f64 / step_seconds,
+            ),
+            (format!("{name}/comm_share"), comm_seconds / step_seconds),
+        ])?
+    } else {
+        Vec::new()
+    };
+
     // Final evaluation, with NFE per test batch.
     let eval_stage = format!("evaluate {name}");
-    let mut nfe_f = Vec::new();
-    let mut nfe_b = Vec::new();
-    let r = evaluate(
+    let ev = evaluate_sharded(
+        &model,
         test,
         s.eval_batch_size,
         device,
-        |x| {
-            let out = model.forward(x)?;
-            if let Some(st) = model.stats() {
-                nfe_f.push(st.nfe_forward as f64);
-                nfe_b.push(st.nfe_backward as f64);
+        dp,
+        |done, total| {
+            if primary {
+                ctx.progress(&eval_stage, done as u64, total as u64)
             }
-            Ok(out)
         },
-        |done, total| ctx.progress(&eval_stage, done as u64, total as u64),
     )?;
+    let r = ev.result;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let result = ModelResult {
         model: name.clone(),
         test_acc: r.accuracy,
         test_loss: r.loss,
         params,
-        nfe_forward: mean(&nfe_f),
-        nfe_backward: mean(&nfe_b),
-        train_nfe_forward: mean(&train_nfe.iter().map(|n| *n as f64).collect::<Vec<_>>()),
+        nfe_forward: ev.nfe_forward,
+        nfe_backward: ev.nfe_backward,
+        train_nfe_forward: mean(&train_nfe),
         train_seconds,
     };
+    if !primary {
+        return Ok(result);
+    }
     let mut m = vec![
         (format!("{name}/test_acc"), r.accuracy),
         (format!("{name}/test_loss"), r.loss),
@@ -517,8 +729,19 @@ fn train_model(
         m.push((format!("{name}/test_nfe_forward"), f));
         m.push((format!("{name}/test_nfe_backward"), b));
     }
+    m.extend(throughput.iter().cloned());
     let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     ctx.metrics(state.global_step, &m_ref);
+    if world > 1 {
+        if let [(_, sps), (_, share)] = throughput.as_slice() {
+            ctx.log(&format!(
+                "{name}: {world} ranks ({} backend) trained {sps:.1} samples/s, {:.1}% of the \
+                 step time in collectives",
+                dp.backend(),
+                100.0 * share
+            ));
+        }
+    }
     ctx.log(&format!(
         "{name} done: test accuracy {:.2}%, {} parameters, {:.1}s training{}",
         100.0 * r.accuracy,
@@ -540,7 +763,7 @@ fn display_name(model: &str) -> &str {
     }
 }
 
-fn results_table(s: &Settings, results: &[ModelResult]) -> ResultsTable {
+fn results_table(s: &Settings, world: usize, results: &[ModelResult]) -> ResultsTable {
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     let rows = results
         .iter()
@@ -556,10 +779,19 @@ fn results_table(s: &Settings, results: &[ModelResult]) -> ResultsTable {
             ]
         })
         .collect();
+    let batch = if world > 1 {
+        format!(
+            "batch {} per rank x {world} ranks = {}",
+            s.batch_size,
+            s.batch_size * world
+        )
+    } else {
+        format!("batch {}", s.batch_size)
+    };
     let mut notes = vec![format!(
-        "width {}, {} epochs, batch {}, solver {}; NFE per test batch of {} (NFE-B: f evaluations \
+        "width {}, {} epochs, {batch}, solver {}; NFE per test batch of {} (NFE-B: f evaluations \
          a backward pass through the solver traverses)",
-        s.width, s.epochs, s.batch_size, s.solver_name, s.eval_batch_size
+        s.width, s.epochs, s.solver_name, s.eval_batch_size
     )];
     let find = |m: &str| results.iter().find(|r| r.model == m);
     match (find("resnet"), find("odenet")) {

@@ -3,6 +3,11 @@
 //! `experiment=mnist` trains the paper's ResNet (6 pre-activation ResBlocks) and ODE-Net
 //! (one ODEBlock solved with dopri5 or RK4, backprop through the solver) on the embedded
 //! MNIST-10k subset and compares test accuracy, parameter count and NFE.
+//!
+//! It trains data-parallel on up to [`NeuralOdeJob::MAX_RANKS`] ranks (see [`mnist`]):
+//! `batch_size` is the batch of each rank, so the global batch is `batch_size × ranks`,
+//! as with PyTorch's DDP. Scale `lr` with the global batch if you want the paper's
+//! `0.1 × batch / 128` rule.
 
 pub mod bench;
 pub mod mnist;
@@ -21,6 +26,10 @@ pub struct NeuralOdeJob {
 }
 
 impl NeuralOdeJob {
+    /// Most ranks the job trains on data-parallel (a TCP ring or NCCL of up to 32 ranks;
+    /// MNIST-10k's 8,000 images give a rank of 32 only 250 per epoch).
+    pub const MAX_RANKS: u32 = 32;
+
     /// The job with its config schema.
     pub fn new() -> Self {
         Self {
@@ -46,6 +55,10 @@ impl Job for NeuralOdeJob {
 
     fn schema(&self) -> &ConfigSchema {
         &self.schema
+    }
+
+    fn max_ranks(&self) -> u32 {
+        Self::MAX_RANKS
     }
 
     fn resolve_config(
@@ -190,6 +203,192 @@ mod tests {
         assert!(second.results_table().is_some());
     }
 
+    /// Connects `n` ranks over a loopback TCP ring and builds their contexts with `make`.
+    fn ranks(n: u32, make: impl Fn(u32) -> MemoryContext) -> Vec<MemoryContext> {
+        let config = trainyard_collective::RingConfig {
+            connect_timeout: std::time::Duration::from_secs(20),
+            op_timeout: std::time::Duration::from_secs(60),
+            ..Default::default()
+        };
+        crate::testing::loopback_rings(n as usize, "test-attempt", config)
+            .unwrap()
+            .into_iter()
+            .zip(0..n)
+            .map(|(ring, r)| make(r).with_rank(r, n).with_communicator(Box::new(ring)))
+            .collect()
+    }
+
+    /// Runs the job on every context, one thread per rank.
+    fn run_ranks(config: &ResolvedConfig, contexts: &[MemoryContext]) -> Vec<Result<(), JobError>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = contexts
+                .iter()
+                .map(|ctx| s.spawn(move || NeuralOdeJob::new().run(config, ctx)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// The largest difference between two checkpoints' tensors, relative to the largest
+    /// magnitude (the names must match).
+    fn max_rel_diff(a: &crate::job::Checkpoint, b: &crate::job::Checkpoint) -> f64 {
+        assert_eq!(
+            a.tensors.keys().collect::<Vec<_>>(),
+            b.tensors.keys().collect::<Vec<_>>()
+        );
+        let (mut diff, mut scale) = (0f64, 0f64);
+        for (name, t) in &a.tensors {
+            let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = b.tensors[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (x, y) in x.iter().zip(&y) {
+                diff = diff.max((x - y).abs() as f64);
+                scale = scale.max(x.abs() as f64);
+            }
+        }
+        diff / scale.max(1e-12)
+    }
+
+    #[test]
+    fn two_ranks_of_batch_b_train_like_one_rank_of_batch_2b() {
+        // K = 3 steps of global batch 16, then rank 0 stops after its first checkpoint and
+        // rank 1 must stop with it. RK4: dopri5 adapts its steps to the whole batch, so
+        // only a fixed-step solver gives the same ODE solve on a split batch.
+        for model in ["resnet", "odenet"] {
+            let config = |batch: &str| {
+                tiny(&[
+                    ("models", model),
+                    ("solver", "rk4"),
+                    ("rk4_steps", "2"),
+                    ("batch_size", batch),
+                    ("checkpoint_every", "3"),
+                ])
+            };
+            let single = MemoryContext::new().stop_after_checkpoints(1);
+            let err = NeuralOdeJob::new().run(&config("16"), &single).unwrap_err();
+            assert!(matches!(err, JobError::Stopped), "{err}");
+
+            let two = ranks(2, |_| MemoryContext::new().stop_after_checkpoints(1));
+            for r in run_ranks(&config("8"), &two) {
+                assert!(matches!(r, Err(JobError::Stopped)), "{r:?}");
+            }
+            let a = single.latest_checkpoint().unwrap();
+            let b = two[0].latest_checkpoint().unwrap();
+            assert_eq!((a.step, b.step), (3, 3));
+            assert!(b.tensors.keys().any(|k| k.starts_with("optimizer.")));
+            let d = max_rel_diff(&a, &b);
+            assert!(d < 1e-4, "{model}: parameters differ by {d:e} (relative)");
+            // the tolerance tells batches apart: one rank of batch 8 ends elsewhere
+            let half = MemoryContext::new().stop_after_checkpoints(1);
+            let _ = NeuralOdeJob::new().run(&config("8"), &half);
+            let off = max_rel_diff(&a, &half.latest_checkpoint().unwrap());
+            assert!(off > 1e-3, "{model}: batch 8 vs 16 differ by only {off:e}");
+            // the reported loss is the mean over the ranks: the loss of the global batch
+            let la = single.metric_values(&format!("{model}/train_loss"));
+            let lb = two[0].metric_values(&format!("{model}/train_loss"));
+            assert_eq!(la.len(), 3);
+            assert_eq!(
+                la.iter().map(|p| p.0).collect::<Vec<_>>(),
+                lb.iter().map(|p| p.0).collect::<Vec<_>>()
+            );
+            for ((s, x), (_, y)) in la.iter().zip(&lb) {
+                assert!(
+                    (x - y).abs() < 1e-4 * x.abs().max(1.0),
+                    "{model} step {s}: {x} vs {y}"
+                );
+            }
+            assert!(two[1].checkpoints().is_empty());
+        }
+    }
+
+    #[test]
+    fn only_rank_0_reports_saves_and_publishes() {
+        let config = tiny(&[]);
+        let two = ranks(2, |_| MemoryContext::new());
+        for r in run_ranks(&config, &two) {
+            r.unwrap();
+        }
+        let (r0, r1) = (&two[0], &two[1]);
+        // rank 1 left logs, metrics, progress, checkpoints and results to rank 0 (the
+        // rank process logs each rank's joining the ring)
+        assert!(r1.checkpoints().is_empty());
+        assert!(r1.metric_points().is_empty());
+        assert!(r1.results_table().is_none());
+        assert!(r1.progress_stages().is_empty());
+        assert!(r1.logs().is_empty(), "{:?}", r1.logs());
+        // 64 images / 2 ranks / batch 16 = 2 steps per epoch, 2 epochs, 2 models;
+        // checkpoints every 3 steps and at the boundaries 4 and 8
+        assert_eq!(r0.metric_values("resnet/train_loss").len(), 4);
+        assert_eq!(r0.metric_values("odenet/train_loss").len(), 4);
+        let steps: Vec<u64> = r0.checkpoints().iter().map(|c| c.step).collect();
+        assert_eq!(steps, vec![3, 4, 6, 8]);
+        assert_eq!(r0.checkpoints()[0].state["world_size"], 2);
+        let table = r0.results_table().expect("results table");
+        assert_eq!(table.rows.len(), 2);
+        assert!(
+            table.notes[0].contains("batch 16 per rank x 2 ranks = 32"),
+            "{}",
+            table.notes[0]
+        );
+        // the sharded evaluation saw the whole test set
+        let acc = r0.last_metric("odenet/test_acc").unwrap();
+        assert!((acc * 32.0 - (acc * 32.0).round()).abs() < 1e-9, "{acc}");
+        assert!(r0.last_metric("odenet/test_nfe_forward").unwrap() >= 8.0);
+        let share = r0.last_metric("resnet/comm_share").unwrap();
+        assert!(share > 0.0 && share < 1.0, "{share}");
+        assert!(r0.last_metric("resnet/samples_per_second").unwrap() > 0.0);
+        assert!(r0
+            .logs()
+            .iter()
+            .any(|l| l.contains("x 2 ranks (global batch 32, ring backend)")));
+    }
+
+    #[test]
+    fn every_rank_resumes_from_the_same_checkpoint() {
+        let config = tiny(&[("models", "resnet"), ("epochs", "3")]);
+        // 2 steps per epoch, 6 in all; stop after the checkpoint at step 3
+        let first = ranks(2, |_| MemoryContext::new().stop_after_checkpoints(1));
+        for r in run_ranks(&config, &first) {
+            assert!(matches!(r, Err(JobError::Stopped)), "{r:?}");
+        }
+        let cp = first[0].latest_checkpoint().unwrap();
+        assert_eq!((cp.step, cp.state["epoch"].as_u64()), (3, Some(1)));
+        let straight = ranks(2, |_| MemoryContext::new());
+        for r in run_ranks(&config, &straight) {
+            r.unwrap();
+        }
+        let second = ranks(2, |_| MemoryContext::resuming_from(cp.clone()));
+        for r in run_ranks(&config, &second) {
+            r.unwrap();
+        }
+        assert!(second[0]
+            .logs()
+            .iter()
+            .any(|l| l == "resumed from checkpoint at step 3"));
+        let losses = second[0].metric_values("resnet/train_loss");
+        assert_eq!(
+            losses.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
+        let straight_losses = straight[0].metric_values("resnet/train_loss");
+        for (s, v) in &losses {
+            let (_, w) = straight_losses.iter().find(|(t, _)| t == s).unwrap();
+            assert!((v - w).abs() < 1e-4, "step {s}: {v} vs {w}");
+        }
+        let (a, b) = (
+            straight[0].latest_checkpoint().unwrap(),
+            second[0].latest_checkpoint().unwrap(),
+        );
+        assert_eq!(a.step, b.step);
+        assert_eq!(
+            second[0].last_metric("resnet/test_acc"),
+            straight[0].last_metric("resnet/test_acc")
+        );
+    }
+
     #[test]
     fn config_errors_name_the_key() {
         let job = NeuralOdeJob::new();
@@ -211,6 +410,7 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().starts_with("experiment:"), "{e}");
         let e = job.resolve_config("huge", &BTreeMap::new()).unwrap_err();
+        assert_eq!(job.max_ranks(), NeuralOdeJob::MAX_RANKS);
         assert!(e.to_string().contains("quick, paper"), "{e}");
         let paper = job.resolve_config("paper", &BTreeMap::new()).unwrap();
         assert_eq!(paper.get_usize("width").unwrap(), 64);

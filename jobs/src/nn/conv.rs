@@ -38,15 +38,30 @@ impl Geometry {
     }
 }
 
+/// Threads of the im2col/col2im loops: `RAYON_NUM_THREADS` when set (the variable candle's
+/// CPU GEMM and rayon follow, so one setting bounds a rank's threads), else every CPU.
 fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
-/// Runs `f(image_index, chunk)` over per-image chunks of `out` on a few threads.
+/// Runs `f(image_index, chunk)` over per-image chunks of `out` on a few threads (on this
+/// one when only one is wanted).
 fn per_image<T: Send>(out: &mut [T], per: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let n = threads().min(out.len() / per.max(1)).max(1);
+    if n == 1 {
+        for (i, img) in out.chunks_mut(per.max(1)).enumerate() {
+            f(i, img);
+        }
+        return;
+    }
     let images = out.len() / per.max(1);
     let per_thread = images.div_ceil(n).max(1);
     std::thread::scope(|s| {

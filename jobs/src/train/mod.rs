@@ -1,14 +1,16 @@
 //! Training utilities shared by all jobs: optimizer and schedule, evaluation,
-//! parameter counting and the gradient check.
+//! parameter counting, the gradient check, and data-parallel training.
 
 pub mod eval;
 pub mod gradcheck;
 pub mod init;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 
 pub use eval::{evaluate, EvalResult};
 pub use gradcheck::{check_grads, GradCheckError};
 pub use init::init_pytorch_style;
 pub use optim::{Adam, Optimizer, PiecewiseLr, SgdMomentum};
+pub use parallel::{bucket_plan, shard_of, CommTiming, DataParallel};
 pub use params::{count_params, named_vars};

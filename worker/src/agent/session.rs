@@ -166,9 +166,7 @@ async fn command_loop(agent: &Arc<Agent>) {
                             match command.command {
                                 Some(worker_command::Command::Assign(a)) => agent.assign(a),
                                 Some(worker_command::Command::Cancel(c)) => agent.cancel(&c),
-                                Some(worker_command::Command::Rendezvous(r)) => {
-                                    agent.rendezvous(r)
-                                }
+                                Some(worker_command::Command::Rendezvous(r)) => agent.rendezvous(r),
                                 None => tracing::debug!("empty worker command"),
                             }
                         }

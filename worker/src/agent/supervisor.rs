@@ -11,16 +11,19 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
-use trainyard_proto::{rank_event, LogLine, RankAssignment, RankEvent, RankState, RankStateChange};
+use trainyard_proto::{
+    rank_event, LogLine, RankAssignment, RankEvent, RankState, RankStateChange, RendezvousEntry,
+};
 
 use super::{lock, reporter, Agent, RankKey, StopReason, DEFAULT_GRACE_PERIOD};
 use crate::checkpoint::now_unix_ms;
 use crate::protocol::{
-    encode_assignment, split_line, ParsedLine, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU,
-    DEVICE_CUDA, DEVICE_ENV, RANK_ENV, WORLD_SIZE_ENV,
+    encode_assignment, rendezvous_line, split_line, ParsedLine, ASSIGNMENT_ENV,
+    COLLECTIVE_HOST_ENV, DATA_CACHE_ENV, DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, RANK_ENV,
+    WORLD_SIZE_ENV,
 };
 
 /// Longest line kept from a rank's output; longer lines are split.
@@ -48,14 +51,26 @@ fn state_event(state: RankState, exit_code: i32, message: String) -> RankEvent {
     }))
 }
 
+/// What the agent sends a supervised rank.
+pub(crate) struct Channels {
+    /// Set when the rank must stop, and why.
+    pub stop: watch::Receiver<Option<StopReason>>,
+    /// Rendezvous entries of the rank's attempt, for its stdin.
+    pub inbox: mpsc::UnboundedReceiver<RendezvousEntry>,
+}
+
 /// Supervises the rank `key` from spawn to its last report.
 pub(crate) async fn supervise(
     agent: Arc<Agent>,
     key: RankKey,
     assignment: RankAssignment,
     state: Arc<AtomicI32>,
-    mut stop: watch::Receiver<Option<StopReason>>,
+    channels: Channels,
 ) {
+    let Channels {
+        mut stop,
+        mut inbox,
+    } = channels;
     let (tx, rx) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(reporter::report_loop(agent.clone(), key.clone(), rx));
     let _ = tx.send(state_event(RankState::Starting, 0, String::new()));
@@ -76,6 +91,8 @@ pub(crate) async fn supervise(
         &key,
         &assignment,
         cuda_ordinal,
+        &agent.config.collective_host,
+        agent.config.devices.len(),
     ) {
         Err(e) => {
             tracing::error!(rank = %key, error = %e, "cannot start rank process");
@@ -91,6 +108,20 @@ pub(crate) async fn supervise(
             let pid = child.id().map(|p| p as libc::pid_t);
             tracing::info!(rank = %key, pid, "rank process started");
             let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
+            // Rendezvous entries go to the rank's stdin, one line each.
+            let feeder = child.stdin.take().map(|mut stdin| {
+                let key = key.clone();
+                tokio::spawn(async move {
+                    while let Some(e) = inbox.recv().await {
+                        let line = format!("{}\n", rendezvous_line(&e));
+                        if let Err(err) = stdin.write_all(line.as_bytes()).await {
+                            tracing::debug!(rank = %key, error = %err, "rank stdin closed");
+                            break;
+                        }
+                        let _ = stdin.flush().await;
+                    }
+                })
+            });
             let readers = [
                 child
                     .stdout
@@ -107,6 +138,9 @@ pub(crate) async fn supervise(
                 }),
             ];
             let (status, stopped) = wait_or_stop(&mut child, pid, &mut stop, grace, &key).await;
+            if let Some(feeder) = feeder {
+                feeder.abort();
+            }
             // Sweep whatever is left of the group (a rank's own children).
             if let Some(pid) = pid {
                 signal_group(pid, libc::SIGKILL);
@@ -170,6 +204,8 @@ pub(crate) fn spawn(
     key: &RankKey,
     a: &RankAssignment,
     cuda_ordinal: Option<u32>,
+    collective_host: &str,
+    slots: usize,
 ) -> std::io::Result<Child> {
     let dir = rank_dir(work_dir, a);
     std::fs::create_dir_all(&dir)?;
@@ -185,13 +221,20 @@ pub(crate) fn spawn(
         .env("TRAINYARD_JOB_ID", &a.job_id)
         .env("TRAINYARD_ATTEMPT", a.attempt.to_string())
         .env(DATA_CACHE_ENV, work_dir.join("datasets"))
-        .stdin(Stdio::null())
+        .env(COLLECTIVE_HOST_ENV, collective_host)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     for (name, value) in device_env(a, cuda_ordinal) {
         cmd.env(name, value);
+    }
+    // Each slot owns its share of the cores: N ranks on one host must not each start a
+    // thread per core (candle's CPU pools are sized once, from RAYON_NUM_THREADS). A value
+    // the worker was started with wins.
+    if std::env::var_os(THREADS_ENV).is_none() {
+        cmd.env(THREADS_ENV, threads_per_slot(cores(), slots).to_string());
     }
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.
@@ -218,6 +261,21 @@ pub(crate) fn spawn(
     }
     tracing::debug!(rank = %key, dir = %dir.display(), "spawning rank process");
     cmd.spawn()
+}
+
+/// Environment variable that sizes a rank's CPU thread pools (rayon's, which candle uses).
+pub(crate) const THREADS_ENV: &str = "RAYON_NUM_THREADS";
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// CPU threads of a rank on a worker with `slots` device slots and `cores` cores: an equal
+/// share of the cores per slot, at least one.
+pub(crate) fn threads_per_slot(cores: usize, slots: usize) -> usize {
+    (cores / slots.max(1)).max(1)
 }
 
 /// The scratch folder (working directory) of a rank:

@@ -33,6 +33,11 @@ case "$TRAINYARD_JOB_ID" in
     echo $! > child.pid
     echo $$ > leader.pid
     wait ;;
+  rdv*)
+    printf '\036trainyard:{"type":"rendezvous","key":"ring/addr/0","value_hex":"6869"}\n'
+    read -r line
+    echo "got: $line"
+    exit 0 ;;
   stubborn*)
     trap '' TERM
     echo $$ > leader.pid
@@ -133,6 +138,7 @@ fn worker_config(addr: SocketAddr, work_dir: &Path) -> WorkerConfig {
         cuda_ordinals: Default::default(),
         work_dir: work_dir.to_path_buf(),
         rank_command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
+        collective_host: "127.0.0.1".into(),
     }
 }
 
@@ -306,6 +312,59 @@ fn logs(events: &[rank_event::Kind]) -> Vec<(String, String)> {
             _ => None,
         })
         .collect()
+}
+
+#[test]
+fn each_slot_gets_its_share_of_the_cores() {
+    assert_eq!(supervisor::threads_per_slot(16, 2), 8);
+    assert_eq!(supervisor::threads_per_slot(16, 3), 5);
+    assert_eq!(supervisor::threads_per_slot(2, 2), 1);
+    assert_eq!(supervisor::threads_per_slot(2, 8), 1);
+    assert_eq!(supervisor::threads_per_slot(4, 0), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_entries_go_up_as_events_and_down_to_the_ranks_stdin() {
+    let h = Harness::start().await;
+    h.assign("rdv-1", 0).await;
+    // The rank's published entry reaches the coordinator as a rendezvous event.
+    h.wait("the rank's rendezvous event", |f| {
+        f.reports.iter().any(|r| {
+            r.events.iter().any(|e| {
+                e.kind
+                    == Some(rank_event::Kind::Rendezvous(RendezvousEntry {
+                        key: "ring/addr/0".into(),
+                        value: b"hi".to_vec(),
+                    }))
+            })
+        })
+    })
+    .await;
+    // An update for another attempt is not delivered; the one for this attempt is.
+    let update = |attempt: u32, value: &[u8]| {
+        worker_command::Command::Rendezvous(RendezvousUpdate {
+            job_id: "rdv-1".into(),
+            attempt,
+            entries: vec![RendezvousEntry {
+                key: "nccl/id".into(),
+                value: value.to_vec(),
+            }],
+            leader_term: 0,
+        })
+    };
+    h.send(update(7, b"old")).await;
+    h.send(update(1, &[0xab, 0xcd])).await;
+    let last = h.wait_final("rdv-1").await;
+    assert_eq!(last.state, RankState::Succeeded as i32, "{last:?}");
+    let lines: Vec<String> = logs(&h.events("rdv-1"))
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert!(
+        lines.contains(&"got: rendezvous nccl/id abcd".to_string()),
+        "{lines:?}"
+    );
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,7 +616,8 @@ fn rank_dies_with_the_thread_that_spawned_it() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut child = supervisor::spawn(&wd, &command, &key, &a, None).unwrap();
+            let mut child =
+                supervisor::spawn(&wd, &command, &key, &a, None, "127.0.0.1", 2).unwrap();
             pid_tx.send(child.id().unwrap() as libc::pid_t).unwrap();
             // give the shell time to start; then the thread ends without killing it
             tokio::time::sleep(Duration::from_millis(300)).await;

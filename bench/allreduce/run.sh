@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# All-reduce bus bandwidth: PyTorch's Gloo backend (torch.distributed, CPU) and Trainyard's
+# ring (shared memory on one host, and TCP alone), same sizes, rank counts and iterations,
+# in one run; prints the combined table with each figure's ratio to Gloo and to memcpy.
+#
+#   bench/allreduce/run.sh            # sizes 1,16,64 MiB; 2 and 4 ranks
+#
+# Settings (environment): ALLREDUCE_SIZES_MIB (1,16,64), ALLREDUCE_RANKS (2,4),
+# ALLREDUCE_WARMUP (3), ALLREDUCE_ITERS (1:40,16:15,64:8), ROUNDS (2: Gloo then ours, each
+# round its own table), BENCH_VENV (target/bench-venv).
+#
+# PyTorch comes from PyPI into a virtual environment under target/ (ignored by git), made
+# once and reused: first the CPU-only wheel index; where that host is unreachable, PyPI's
+# torch without its dependencies plus its pure-Python ones, if that imports; else PyPI's
+# torch with all its dependencies (the CUDA libraries, several GB, used only to load torch).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VENV=${BENCH_VENV:-target/bench-venv}
+OUT=$PWD/target/bench-allreduce
+export ALLREDUCE_SIZES_MIB=${ALLREDUCE_SIZES_MIB:-1,16,64}
+export ALLREDUCE_RANKS=${ALLREDUCE_RANKS:-2,4}
+export ALLREDUCE_WARMUP=${ALLREDUCE_WARMUP:-3}
+export ALLREDUCE_ITERS=${ALLREDUCE_ITERS:-1:40,16:15,64:8}
+mkdir -p "$OUT"
+
+say() { echo "run.sh: $*" >&2; }
+
+torch_works() {
+    "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+import torch, torch.distributed as dist
+assert dist.is_gloo_available()
+torch.ones(4).add_(1)
+PY
+}
+
+make_venv() {
+    [ -x "$VENV/bin/python" ] && return 0
+    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+        rm -rf "$VENV"
+        say "python3 -m venv failed; installing python3-venv with apt-get"
+        apt-get install -y python3-venv >/dev/null 2>&1 ||
+            { apt-get update >/dev/null && apt-get install -y python3-venv >/dev/null; }
+        python3 -m venv "$VENV"
+    fi
+}
+
+install_torch() {
+    local pip=("$VENV/bin/pip" install --disable-pip-version-check -q)
+    say "installing PyTorch (CPU) from the CPU wheel index"
+    if "${pip[@]}" --timeout 20 --retries 1 torch numpy \
+        --index-url https://download.pytorch.org/whl/cpu 2>/dev/null && torch_works; then
+        return 0
+    fi
+    say "CPU wheel index unreachable; PyPI's torch without its CUDA dependencies"
+    "${pip[@]}" --no-deps torch
+    "${pip[@]}" filelock typing-extensions sympy networkx jinja2 fsspec numpy
+    if torch_works; then
+        return 0
+    fi
+    say "that torch does not load without its CUDA libraries: installing them (several GB, once)"
+    "${pip[@]}" torch
+    torch_works || { say "PyTorch does not import; giving up"; exit 1; }
+}
+
+make_venv
+torch_works || install_torch
+say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') in $VENV"
+
+echo "machine: $(nproc) cores, $(awk '{print $1" "$2" "$3}' /proc/loadavg) load average before the run, $(date -u +%Y-%m-%dT%H:%MZ)"
+say "building the Rust benchmark"
+nice cargo bench -p trainyard-collective --bench allreduce --no-run >/dev/null 2>&1 ||
+    nice cargo bench -p trainyard-collective --bench allreduce --no-run
+
+# Gloo then ours, ROUNDS times: on a shared machine the load changes from minute to
+# minute, so every table compares figures measured within about a minute of each other.
+ROUNDS=${ROUNDS:-2}
+for round in $(seq "$ROUNDS"); do
+    say "round $round of $ROUNDS: PyTorch Gloo"
+    "$VENV/bin/python" bench/allreduce/gloo.py "$OUT/gloo-$round.json" \
+        --sizes-mib "$ALLREDUCE_SIZES_MIB" --ranks "$ALLREDUCE_RANKS" \
+        --warmup "$ALLREDUCE_WARMUP" --iters "$ALLREDUCE_ITERS" 2>&1 |
+        grep -v -e "Failed to initialize NumPy" -e "_conversion_method_template" >&2
+    say "round $round of $ROUNDS: Trainyard ring"
+    echo
+    echo "Round $round ($(date -u +%H:%M:%SZ), load average $(awk '{print $1}' /proc/loadavg)):"
+    GLOO_RESULTS="$OUT/gloo-$round.json" cargo bench -q -p trainyard-collective --bench allreduce |
+        tee "$OUT/table-$round.md"
+done
+echo "load average after the run: $(awk '{print $1" "$2" "$3}' /proc/loadavg)"
