@@ -105,6 +105,17 @@ pub trait JobContext {
             "{url}: this context cannot fetch data sets"
         )))
     }
+    /// Stores a file the job produced (a plot as PNG, a JSON of its results) with the job's
+    /// results, as `name` (a plain file name such as `cnf-density.png`): the rank process
+    /// writes it to the object store under `jobs/<job-id>/results/<name>` and the job's
+    /// record lists it (`trainyard results <job-id>`). Only rank 0 should call it. The
+    /// default says the context cannot store artifacts.
+    fn save_artifact(&self, name: &str, bytes: &[u8]) -> Result<(), JobError> {
+        let _ = bytes;
+        Err(JobError::Other(format!(
+            "{name}: this context cannot store artifacts"
+        )))
+    }
     /// The candle device this rank trains on: the CPU unless the rank was placed on a real
     /// GPU and the binary was built with CUDA (feature `cuda`). A job creates its model,
     /// batches and optimizer state there, and restores checkpoints onto it.
@@ -126,6 +137,25 @@ pub trait JobContext {
                 self.world_size()
             )))
         }
+    }
+}
+
+/// Checks that an artifact name is a plain file name: 1 to 128 characters of letters,
+/// digits, `-`, `_` and `.`, not starting with a dot.
+pub fn check_artifact_name(name: &str) -> Result<(), JobError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(JobError::Other(format!(
+            "artifact name {name:?}: use 1 to 128 letters, digits, '-', '_' or '.', not starting \
+             with '.'"
+        )))
     }
 }
 

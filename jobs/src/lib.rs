@@ -21,5 +21,7 @@ pub mod testing;
 pub mod train;
 
 pub use config::{ConfigError, ConfigKey, ConfigKind, ConfigSchema, ResolvedConfig};
-pub use job::{device_name, Checkpoint, Job, JobContext, JobError, ResultsTable};
+pub use job::{
+    check_artifact_name, device_name, Checkpoint, Job, JobContext, JobError, ResultsTable,
+};
 pub use registry::{registry, Registry};

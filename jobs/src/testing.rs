@@ -35,6 +35,7 @@ struct Recorded {
     progress: BTreeMap<String, (u64, u64)>,
     checkpoints: Vec<Checkpoint>,
     results: Option<ResultsTable>,
+    artifacts: BTreeMap<String, Vec<u8>>,
 }
 
 /// An in-memory [`JobContext`]. Thread-safe, so a test may call [`MemoryContext::stop`]
@@ -188,6 +189,11 @@ impl MemoryContext {
     pub fn results_table(&self) -> Option<ResultsTable> {
         self.lock().results.clone()
     }
+
+    /// The artifacts saved so far (name → bytes).
+    pub fn artifacts(&self) -> BTreeMap<String, Vec<u8>> {
+        self.lock().artifacts.clone()
+    }
 }
 
 impl JobContext for MemoryContext {
@@ -270,6 +276,14 @@ impl JobContext for MemoryContext {
 
     fn results(&self, table: &ResultsTable) {
         self.lock().results = Some(table.clone());
+    }
+
+    fn save_artifact(&self, name: &str, bytes: &[u8]) -> Result<(), JobError> {
+        crate::job::check_artifact_name(name)?;
+        self.lock()
+            .artifacts
+            .insert(name.to_string(), bytes.to_vec());
+        Ok(())
     }
 
     /// `file://` data sets are their own folder (nothing to download); others are errors.
