@@ -93,6 +93,10 @@ pub enum Command {
     Workers(WorkersArgs),
     /// List a job's committed checkpoints.
     Checkpoints(CheckpointsArgs),
+    /// Print a job's results table and the files (plots, JSON) stored with it.
+    Results(ResultsArgs),
+    /// Run the paper jobs with one preset and print whether each paper's claims held.
+    Reproduce(ReproduceArgs),
     /// List the job types the cluster can run, with presets and config keys.
     JobTypes(JobTypesArgs),
     /// Run a coordinator and N workers on this machine until Ctrl-C.
@@ -363,6 +367,48 @@ pub struct WorkersArgs {
 pub struct CheckpointsArgs {
     /// Job id.
     pub id: String,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard results`.
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
+    /// Job id.
+    pub id: String,
+    /// Also download the files stored with the results into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub download: Option<PathBuf>,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `trainyard reproduce`.
+#[derive(Debug, Args)]
+pub struct ReproduceArgs {
+    /// Jobs to run (default: every job this binary knows).
+    pub jobs: Vec<String>,
+    /// Preset of every job: quick (minutes on a CPU) or paper (the paper's scale, for GPUs).
+    #[arg(long, short = 'p', default_value = "quick")]
+    pub preset: String,
+    /// Ranks of each job.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub ranks: u32,
+    /// Start a local cluster for the run (instead of using --coordinator's).
+    #[arg(long)]
+    pub local: bool,
+    /// Data directory of the local cluster (default: .trainyard/reproduce/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Shape of the local cluster (with --local).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Also write the table, the date, the machine and the seeds as Markdown to FILE
+    /// (e.g. docs/results.md).
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArgs,

@@ -148,6 +148,14 @@ impl Display {
             Kind::Checkpoint(c) => {
                 self.say(&format!("✓ checkpoint at step {} ({})", c.step, c.path));
             }
+            Kind::Artifact(a) => {
+                self.say(&format!(
+                    "✓ {} saved ({}, {})",
+                    a.name,
+                    crate::output::human_bytes(a.size_bytes),
+                    a.url
+                ));
+            }
             Kind::Result(r) => *result = Some(r.clone()),
         }
     }

@@ -90,6 +90,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Cancel(a) => cmd::cancel::run(url, a).await,
         Command::Workers(a) => cmd::workers::run(url, a).await,
         Command::Checkpoints(a) => cmd::checkpoints::run(url, a).await,
+        Command::Results(a) => cmd::results::run(url, a).await,
+        Command::Reproduce(a) => cmd::reproduce::run(url, a).await,
         Command::JobTypes(a) => cmd::job_types::run(url, a).await,
         Command::Local(a) => cmd::local::run(a).await,
         Command::Run(a) => cmd::run::run(a).await,

@@ -157,6 +157,7 @@ pub fn job_json(j: &Job) -> Value {
         "latest_step": j.latest_step,
         "latest_checkpoint": j.latest_checkpoint.as_ref().map(checkpoint_json),
         "result": j.result.as_ref().map(result_json),
+        "artifacts": j.artifacts.iter().map(artifact_json).collect::<Vec<_>>(),
         "resolved_config_json": j.resolved_config_json,
         "revision": j.revision,
         "record_version": j.record_version,
@@ -520,6 +521,35 @@ pub fn result_text(r: &ResultTable) -> String {
     out
 }
 
+/// A byte count for people: `812 B`, `3.4 KiB`, `12.0 MiB`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+/// JSON of an artifact.
+pub fn artifact_json(a: &trainyard_proto::Artifact) -> Value {
+    json!({
+        "name": a.name,
+        "path": a.path,
+        "url": a.url,
+        "size_bytes": a.size_bytes,
+        "created": utc_timestamp(a.created_unix_ms),
+    })
+}
+
 /// Devices in compact form: `4×cpu`, `2×gpu (emulated)`, `1×gpu (NVIDIA H100 80GB HBM3, 79.6 GiB)`.
 pub fn devices_summary(devices: &[Device]) -> String {
     let mut groups: Vec<(String, usize)> = Vec::new();
@@ -748,6 +778,14 @@ mod tests {
         assert_eq!(fmt_metric(3.0), "3");
         assert_eq!(fmt_metric(0.12345), "0.1235");
         assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn byte_counts_read_well() {
+        assert_eq!(human_bytes(812), "812 B");
+        assert_eq!(human_bytes(3 * 1024 + 400), "3.4 KiB");
+        assert_eq!(human_bytes(12 << 20), "12.0 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]

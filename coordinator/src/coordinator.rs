@@ -1108,6 +1108,16 @@ impl Coordinator {
                     }
                     rendezvous::fan_out(workers, entry, e);
                 }
+                rank_event::Kind::Artifact(mut a) => {
+                    a.url = join_url(&self.settings.objects_url, &a.path);
+                    if a.created_unix_ms == 0 {
+                        a.created_unix_ms = at;
+                    }
+                    entry.job.artifacts.retain(|old| old.name != a.name);
+                    entry.job.artifacts.push(a.clone());
+                    need_save = true;
+                    entry.history.push(at, job_event::Kind::Artifact(a));
+                }
                 rank_event::Kind::Result(r) => {
                     entry.job.result = Some(r.clone());
                     need_save = true;
@@ -1184,6 +1194,19 @@ impl Coordinator {
         st.workers.clear();
         st.jobs.clear();
     }
+}
+
+/// `base` (an objects URL such as `s3://bucket/prefix` or `file:///data/objects`) joined
+/// with a relative object path.
+fn join_url(base: &str, path: &str) -> String {
+    if base.is_empty() {
+        return path.to_string();
+    }
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
 }
 
 fn is_rank_gone(s: RankState) -> bool {
@@ -1336,6 +1359,7 @@ mod tests {
                 Some(job_event::Kind::Result(_)) => "R".into(),
                 Some(job_event::Kind::Checkpoint(c)) => format!("C:{}", c.step),
                 Some(job_event::Kind::Progress(_)) => "P".into(),
+                Some(job_event::Kind::Artifact(a)) => format!("A:{}", a.name),
                 None => "?".into(),
             })
             .collect()
@@ -1404,6 +1428,19 @@ mod tests {
             None,
         );
         assert_eq!(describe(&only), ["L:a", "L:b"]);
+    }
+
+    #[test]
+    fn artifact_urls_join_the_objects_url() {
+        assert_eq!(
+            join_url("s3://b/pre/", "jobs/j/results/a.png"),
+            "s3://b/pre/jobs/j/results/a.png"
+        );
+        assert_eq!(
+            join_url("file:///data/objects", "jobs/j/results/a.png"),
+            "file:///data/objects/jobs/j/results/a.png"
+        );
+        assert_eq!(join_url("", "jobs/x"), "jobs/x");
     }
 
     #[test]

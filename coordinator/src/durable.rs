@@ -54,7 +54,7 @@ use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use trainyard_objects::{Objects, ObjectsError};
-use trainyard_proto::{job_event, JobEvent, LogLine, MetricPoint, ResultRow, ResultTable};
+use trainyard_proto::{job_event, Claim, JobEvent, LogLine, MetricPoint, ResultRow, ResultTable};
 
 /// Version of the chunk and results format written by this build.
 pub const FORMAT_VERSION: u32 = 1;
@@ -243,6 +243,45 @@ struct ResultsFile {
     rows: Vec<Vec<String>>,
     #[serde(default)]
     notes: Vec<String>,
+    #[serde(default)]
+    claims: Vec<ClaimFile>,
+}
+
+/// A checked claim in `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ClaimFile {
+    experiment: String,
+    claim: String,
+    paper: String,
+    treatment: String,
+    baseline: String,
+    held: bool,
+}
+
+impl From<&Claim> for ClaimFile {
+    fn from(c: &Claim) -> Self {
+        Self {
+            experiment: c.experiment.clone(),
+            claim: c.claim.clone(),
+            paper: c.paper.clone(),
+            treatment: c.treatment.clone(),
+            baseline: c.baseline.clone(),
+            held: c.held,
+        }
+    }
+}
+
+impl From<ClaimFile> for Claim {
+    fn from(c: ClaimFile) -> Self {
+        Self {
+            experiment: c.experiment,
+            claim: c.claim,
+            paper: c.paper,
+            treatment: c.treatment,
+            baseline: c.baseline,
+            held: c.held,
+        }
+    }
 }
 
 /// The `results.json` bytes of a job's results table.
@@ -254,6 +293,7 @@ pub fn results_json(job_id: &str, table: &ResultTable) -> Vec<u8> {
         columns: table.columns.clone(),
         rows: table.rows.iter().map(|r| r.cells.clone()).collect(),
         notes: table.notes.clone(),
+        claims: table.claims.iter().map(ClaimFile::from).collect(),
     };
     let mut out = serde_json::to_vec_pretty(&file).unwrap_or_default();
     out.push(b'\n');
@@ -272,6 +312,7 @@ pub fn parse_results(bytes: &[u8]) -> Result<ResultTable, String> {
             .map(|cells| ResultRow { cells })
             .collect(),
         notes: file.notes,
+        claims: file.claims.into_iter().map(Claim::from).collect(),
     })
 }
 
@@ -1131,6 +1172,14 @@ mod tests {
                 },
             ],
             notes: vec!["claim HELD".into()],
+            claims: vec![Claim {
+                experiment: "mnist".into(),
+                claim: "ODE-Net within 0.7 points".into(),
+                paper: "0.42% vs 0.41%".into(),
+                treatment: "96.55%".into(),
+                baseline: "96.65%".into(),
+                held: true,
+            }],
         };
         let bytes = results_json("job-1", &table);
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

@@ -12,10 +12,13 @@
 
 pub mod config;
 pub mod data;
+pub mod db_vae;
+pub mod gm_dgm;
 pub mod job;
 pub mod neural_ode;
 pub mod nn;
 pub mod ode;
+pub mod plot;
 pub mod registry;
 pub mod testing;
 pub mod train;

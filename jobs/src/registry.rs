@@ -12,7 +12,11 @@ pub struct Registry {
 impl Registry {
     fn new() -> Self {
         Self {
-            jobs: vec![Box::new(crate::neural_ode::NeuralOdeJob::new())],
+            jobs: vec![
+                Box::new(crate::neural_ode::NeuralOdeJob::new()),
+                Box::new(crate::db_vae::DbVaeJob::new()),
+                Box::new(crate::gm_dgm::GmDgmJob::new()),
+            ],
         }
     }
 
@@ -57,12 +61,14 @@ mod tests {
     #[test]
     fn knows_neural_ode() {
         let r = registry();
-        assert_eq!(r.names(), vec!["neural-ode"]);
+        assert_eq!(r.names(), vec!["neural-ode", "db-vae", "gm-dgm"]);
         let job = r.get("neural-ode").unwrap();
         assert_eq!(job.name(), "neural-ode");
         assert!(!job.description().is_empty());
         assert!(r.get("nope").is_none());
-        assert_eq!(r.iter().count(), 1);
+        assert_eq!(r.iter().count(), 3);
+        assert_eq!(r.get("db-vae").unwrap().name(), "db-vae");
+        assert_eq!(r.get("gm-dgm").unwrap().name(), "gm-dgm");
         let schema = job.schema();
         assert_eq!(schema.default_preset(), "quick");
         assert!(schema.presets().contains(&"paper"));

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use trainyard_proto::{
-    rank_event, CheckpointInfo, LogLine, MetricPoint, Progress, RankAssignment, RendezvousEntry,
-    ResultRow, ResultTable,
+    rank_event, Artifact, CheckpointInfo, Claim, LogLine, MetricPoint, Progress, RankAssignment,
+    RendezvousEntry, ResultRow, ResultTable,
 };
 
 use crate::WorkerError;
@@ -134,6 +134,15 @@ pub enum RankMessage {
         /// The value's bytes as lower-case hex.
         value_hex: String,
     },
+    /// A file stored with the job's results (already written to the object store).
+    Artifact {
+        /// File name.
+        name: String,
+        /// Object-store path, `jobs/<id>/results/<name>`.
+        path: String,
+        /// Its size.
+        size_bytes: u64,
+    },
     /// The final results table.
     Result {
         /// Title.
@@ -144,7 +153,40 @@ pub enum RankMessage {
         rows: Vec<Vec<String>>,
         /// Conclusions.
         notes: Vec<String>,
+        /// The paper's claims the job checked.
+        #[serde(default)]
+        claims: Vec<ClaimMessage>,
     },
+}
+
+/// A checked claim in a [`RankMessage::Result`] (see `trainyard_proto::Claim`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClaimMessage {
+    /// Experiment within the job.
+    pub experiment: String,
+    /// The claim in words.
+    pub claim: String,
+    /// The paper's number(s).
+    pub paper: String,
+    /// Our treatment's number.
+    pub treatment: String,
+    /// Our baseline's number.
+    pub baseline: String,
+    /// Whether it held.
+    pub held: bool,
+}
+
+impl From<ClaimMessage> for Claim {
+    fn from(c: ClaimMessage) -> Self {
+        Claim {
+            experiment: c.experiment,
+            claim: c.claim,
+            paper: c.paper,
+            treatment: c.treatment,
+            baseline: c.baseline,
+            held: c.held,
+        }
+    }
 }
 
 impl RankMessage {
@@ -194,6 +236,16 @@ impl RankMessage {
                 attempt,
                 metrics: metrics.into_iter().collect(),
             }),
+            RankMessage::Artifact {
+                name,
+                path,
+                size_bytes,
+            } => rank_event::Kind::Artifact(Artifact {
+                name,
+                path,
+                size_bytes,
+                ..Default::default()
+            }),
             RankMessage::Rendezvous { key, value_hex } => match hex::decode(&value_hex) {
                 Ok(value) => rank_event::Kind::Rendezvous(RendezvousEntry { key, value }),
                 Err(e) => rank_event::Kind::Log(LogLine {
@@ -207,7 +259,9 @@ impl RankMessage {
                 columns,
                 rows,
                 notes,
+                claims,
             } => rank_event::Kind::Result(ResultTable {
+                claims: claims.into_iter().map(Claim::from).collect(),
                 title,
                 columns,
                 rows: rows.into_iter().map(|cells| ResultRow { cells }).collect(),
@@ -426,6 +480,12 @@ mod tests {
                 columns: vec!["a".into(), "b".into()],
                 rows: vec![vec!["1".into(), "2".into()]],
                 notes: vec!["held".into()],
+                claims: vec![ClaimMessage {
+                    experiment: "mnist".into(),
+                    claim: "c".into(),
+                    held: true,
+                    ..Default::default()
+                }],
             },
         ];
         for m in msgs {
@@ -469,10 +529,18 @@ mod tests {
             columns: vec!["a".into()],
             rows: vec![vec!["1".into()]],
             notes: vec![],
+            claims: vec![ClaimMessage {
+                claim: "c".into(),
+                held: true,
+                ..Default::default()
+            }],
         }
         .into_event_kind(2);
         match k {
-            rank_event::Kind::Result(t) => assert_eq!(t.rows[0].cells, vec!["1".to_string()]),
+            rank_event::Kind::Result(t) => {
+                assert_eq!(t.rows[0].cells, vec!["1".to_string()]);
+                assert!(t.claims[0].held && t.claims[0].claim == "c");
+            }
             other => panic!("{other:?}"),
         }
         match (RankMessage::Log { line: "x".into() }).into_event_kind(4) {

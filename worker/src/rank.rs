@@ -610,6 +610,7 @@ impl JobContext for RankContext {
             columns: table.columns.clone(),
             rows: table.rows.clone(),
             notes: table.notes.clone(),
+            claims: Vec::new(),
         });
     }
 
@@ -658,6 +659,26 @@ impl JobContext for RankContext {
         }
         *slot = Some(device.clone());
         Ok(device)
+    }
+
+    fn save_artifact(&self, name: &str, bytes: &[u8]) -> Result<(), JobError> {
+        trainyard_jobs::check_artifact_name(name)?;
+        let objects = self.objects.as_ref().ok_or_else(|| {
+            JobError::Other(format!(
+                "{name}: this rank has no object store to keep artifacts in"
+            ))
+        })?;
+        let path = format!("jobs/{}/results/{name}", self.assignment.job_id);
+        let data = bytes::Bytes::copy_from_slice(bytes);
+        self.runtime
+            .block_on(objects.put(&path, data))
+            .map_err(|e| JobError::Other(format!("storing {path}: {e}")))?;
+        self.emit(RankMessage::Artifact {
+            name: name.to_string(),
+            path,
+            size_bytes: bytes.len() as u64,
+        });
+        Ok(())
     }
 
     fn communicator(&self) -> Result<Box<dyn trainyard_collective::Collective>, JobError> {
@@ -734,6 +755,37 @@ mod tests {
             objects_url,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn artifacts_go_to_the_object_store_and_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/objects", dir.path().display());
+        let cap = Capture::default();
+        let ctx = RankContext::new(assignment(url), Box::new(cap.clone()), leak_flag()).unwrap();
+        ctx.save_artifact("plot.png", b"\x89PNG fake").unwrap();
+        let stored = dir.path().join("objects/jobs/job-7/results/plot.png");
+        assert_eq!(std::fs::read(&stored).unwrap(), b"\x89PNG fake");
+        assert_eq!(
+            cap.events(),
+            vec![RankMessage::Artifact {
+                name: "plot.png".into(),
+                path: "jobs/job-7/results/plot.png".into(),
+                size_bytes: 9,
+            }]
+        );
+        for bad in ["", "../x.png", "a/b.png", ".hidden"] {
+            let err = ctx.save_artifact(bad, b"x").unwrap_err().to_string();
+            assert!(err.contains("artifact name"), "{bad:?}: {err}");
+        }
+        let none = RankContext::new(
+            assignment(String::new()),
+            Box::new(Capture::default()),
+            leak_flag(),
+        )
+        .unwrap();
+        let err = none.save_artifact("a.png", b"x").unwrap_err().to_string();
+        assert!(err.contains("no object store"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod job_types;
 pub mod jobs;
 pub mod local;
 pub mod logs;
+pub mod reproduce;
+pub mod results;
 pub mod run;
 pub mod submit;
 pub mod worker;

@@ -474,6 +474,7 @@ fn results() -> ResultTable {
             cells: vec!["ODE-Net".into(), "96.55%".into()],
         }],
         notes: vec!["claim HELD".into()],
+        claims: vec![],
     }
 }
 

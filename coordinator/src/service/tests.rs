@@ -426,6 +426,7 @@ async fn a_job_runs_end_to_end_and_a_late_watcher_sees_everything() {
                         cells: vec!["odenet".into()],
                     }],
                     notes: vec![],
+                    claims: vec![],
                 }),
             ],
         )
@@ -511,6 +512,7 @@ async fn a_job_runs_end_to_end_and_a_late_watcher_sees_everything() {
                 job_event::Kind::Progress(_) => "progress",
                 job_event::Kind::Checkpoint(_) => "checkpoint",
                 job_event::Kind::Result(_) => "result",
+                job_event::Kind::Artifact(_) => "artifact",
             })
             .collect();
         assert_eq!(

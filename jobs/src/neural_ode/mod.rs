@@ -4,15 +4,20 @@
 //! (one ODEBlock solved with dopri5 or RK4, backprop through the solver) on the embedded
 //! MNIST-10k subset and compares test accuracy, parameter count and NFE.
 //!
+//! `experiment=cnf` trains a continuous normalizing flow and a planar normalizing flow by
+//! maximum likelihood on 2-D densities and compares their held-out NLL (see [`cnf`]).
+//!
 //! It trains data-parallel on up to [`NeuralOdeJob::MAX_RANKS`] ranks (see [`mnist`]):
 //! `batch_size` is the batch of each rank, so the global batch is `batch_size × ranks`,
 //! as with PyTorch's DDP. Scale `lr` with the global batch if you want the paper's
 //! `0.1 × batch / 128` rule.
 
 pub mod bench;
+pub mod cnf;
 pub mod mnist;
 pub mod models;
 pub mod schema;
+pub mod toy2d;
 
 use std::collections::BTreeMap;
 
@@ -75,6 +80,7 @@ impl Job for NeuralOdeJob {
         schema::check(config)?;
         match config.get_str("experiment")? {
             "mnist" => mnist::run(config, ctx),
+            "cnf" => cnf::run(config, ctx),
             other => Err(JobError::Other(format!("unknown experiment {other}"))),
         }
     }
@@ -406,7 +412,7 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().starts_with("lr_milestones:"), "{e}");
         let e = job
-            .resolve_config("quick", &set("experiment", "cnf"))
+            .resolve_config("quick", &set("experiment", "gan"))
             .unwrap_err();
         assert!(e.to_string().starts_with("experiment:"), "{e}");
         let e = job.resolve_config("huge", &BTreeMap::new()).unwrap_err();

@@ -4,11 +4,15 @@
 use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
 
 /// Experiments this job can run (later issues add `cnf` and `latent-ode`).
-pub const EXPERIMENTS: &[&str] = &["mnist"];
+pub const EXPERIMENTS: &[&str] = &["mnist", "cnf"];
 /// Which models to train.
 pub const MODELS: &[&str] = &["both", "odenet", "resnet"];
+/// Target densities of `experiment=cnf` (`all` trains each in turn).
+pub const CNF_DENSITIES: &[&str] = &["all", "circles", "moons", "gaussians"];
 /// ODE solvers.
 pub const SOLVERS: &[&str] = &["dopri5", "rk4"];
+/// Gradient modes of the ODE solves: through the solver's stages, or the adjoint method.
+pub const GRADIENTS: &[&str] = &["backprop", "adjoint"];
 /// Optimizers the job can train with.
 pub const OPTIMIZERS: &[&str] = &["sgd", "adam"];
 
@@ -36,6 +40,13 @@ pub fn schema() -> ConfigSchema {
         ConfigKey::float("atol", 1e-9, 1.0, 1e-3, "dopri5 absolute tolerance")
             .preset("quick", 0.1),
         ConfigKey::int("rk4_steps", 1, 1000, 4, "RK4 steps on [0, 1] (solver=rk4)"),
+        ConfigKey::choice(
+            "gradient",
+            GRADIENTS,
+            "backprop",
+            "how the ODE-Net gets its gradients: backprop through the solver's stages, or the \
+             adjoint method (a second ODE solved backwards; memory independent of the steps)",
+        ),
         ConfigKey::int(
             "width",
             1,
@@ -100,6 +111,76 @@ pub fn schema() -> ConfigSchema {
             "evaluate on the test set after every epoch, not only at the end",
         )
         .preset("quick", false),
+        ConfigKey::choice(
+            "cnf_density",
+            CNF_DENSITIES,
+            "all",
+            "experiment=cnf: the 2-D target density (two circles, two moons, 8 Gaussians) or all",
+        ),
+        ConfigKey::int("cnf_width", 1, 1024, 64, "experiment=cnf: CNF width M (planar units)"),
+        ConfigKey::int(
+            "cnf_hidden",
+            1,
+            1024,
+            32,
+            "experiment=cnf: hidden units of the CNF's time hypernetwork",
+        ),
+        ConfigKey::int(
+            "cnf_planar_layers",
+            1,
+            1024,
+            32,
+            "experiment=cnf: layers K of the planar-flow baseline",
+        ),
+        ConfigKey::int(
+            "cnf_iterations",
+            1,
+            1_000_000,
+            10_000,
+            "experiment=cnf: training iterations per model and density",
+        )
+        .preset("quick", 300),
+        ConfigKey::int(
+            "cnf_batch_size",
+            1,
+            100_000,
+            512,
+            "experiment=cnf: fresh samples per iteration (per rank)",
+        )
+        .preset("quick", 256),
+        ConfigKey::float("cnf_lr", 1e-6, 1.0, 1e-3, "experiment=cnf: Adam learning rate")
+            .preset("quick", 5e-3),
+        ConfigKey::float(
+            "cnf_tol",
+            1e-9,
+            1.0,
+            1e-5,
+            "experiment=cnf: dopri5 rtol = atol of the CNF",
+        )
+        .preset("quick", 1e-3),
+        ConfigKey::float(
+            "cnf_t1",
+            1e-3,
+            100.0,
+            10.0,
+            "experiment=cnf: the CNF integrates over [0, t1]",
+        ),
+        ConfigKey::int(
+            "cnf_test_samples",
+            1,
+            1_000_000,
+            10_000,
+            "experiment=cnf: fresh held-out samples for the NLL",
+        )
+        .preset("quick", 2000),
+        ConfigKey::int(
+            "cnf_grid",
+            2,
+            400,
+            100,
+            "experiment=cnf: cells per side of the density plots",
+        )
+        .preset("quick", 64),
         ConfigKey::int("seed", 0, i64::MAX, 0, "seed for init, shuffling and augmentation"),
         ConfigKey::int(
             "checkpoint_every",

@@ -14,9 +14,11 @@
 //!   steps that is `6·A`: `f(t0, y0)` (the first step's k1), stages k2–k6 of every
 //!   accepted step, and the FSAL stage k7 of every accepted step but the last (it is
 //!   the next step's k1). Rejected steps, the initial-step probe and the final k7
-//!   are never traversed. For RK4 it equals `nfe_forward = 4·steps`. (The adjoint
-//!   method, which solves a second ODE backwards, comes later and will count its own.)
+//!   are never traversed. For RK4 it equals `nfe_forward = 4·steps`. The adjoint
+//!   method ([`adjoint`]) solves a second ODE backwards and counts its own evaluations
+//!   (one vector–Jacobian product each).
 
+pub mod adjoint;
 pub mod dopri5;
 pub mod rk4;
 

@@ -1,0 +1,471 @@
+//! `trainyard reproduce`: submits the paper jobs with one preset, follows them with a
+//! progress bar each, and prints one table of the papers' claims: the paper's number, ours
+//! for the treatment and the baseline, and whether the claim held. `--markdown FILE` also
+//! writes the table (with the date, the machine and the seeds) for `docs/results.md`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+use trainyard_proto::job_event::Kind;
+use trainyard_proto::{
+    Claim, GetJobRequest, Job, JobSpec, JobState, SubmitJobRequest, WatchJobRequest,
+};
+
+use crate::args::OutputFormat;
+use crate::args::ReproduceArgs;
+use crate::client::Client;
+use crate::cluster::LocalCluster;
+use crate::error::{bad_input, rpc};
+use crate::output::{job_state_name, new_table, print_structured};
+
+/// Heartbeat timeout of the local cluster (its workers live in this process).
+const LOCAL_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One row of the final table.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    job: String,
+    job_id: String,
+    state: String,
+    claim: Claim,
+}
+
+/// Runs `trainyard reproduce`.
+pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
+    let registry = trainyard_jobs::registry();
+    let names: Vec<String> = if args.jobs.is_empty() {
+        registry.names().iter().map(|n| n.to_string()).collect()
+    } else {
+        args.jobs.clone()
+    };
+    for name in &names {
+        let job = registry.get(name).ok_or_else(|| {
+            bad_input(format!(
+                "jobs: unknown job {name:?} (known: {})",
+                registry.names().join(", ")
+            ))
+        })?;
+        if !job.schema().presets().contains(&args.preset.as_str()) {
+            return Err(bad_input(format!(
+                "--preset: job {name} has no preset {:?} (it has {})",
+                args.preset,
+                job.schema().presets().join(", ")
+            )));
+        }
+    }
+    let mut local = None;
+    let url = if args.local {
+        let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+            let stamp = chrono_stamp();
+            std::path::PathBuf::from(".trainyard/reproduce").join(stamp)
+        });
+        let listen = "127.0.0.1:0"
+            .parse()
+            .context("parsing the listen address")?;
+        let mut cluster = LocalCluster::start(
+            listen,
+            &data_dir,
+            &args.cluster,
+            Some(LOCAL_HEARTBEAT_TIMEOUT),
+        )
+        .await?;
+        cluster.wait_ready().await?;
+        println!(
+            "local cluster at {} (data: {})",
+            cluster.url,
+            cluster.data_dir.display()
+        );
+        let url = cluster.url.clone();
+        local = Some(cluster);
+        url
+    } else {
+        url.to_string()
+    };
+    let outcome = reproduce_on(&url, &names, &args).await;
+    if let Some(cluster) = local {
+        cluster.stop().await?;
+    }
+    outcome
+}
+
+async fn reproduce_on(url: &str, names: &[String], args: &ReproduceArgs) -> Result<i32> {
+    let mut client = Client::connect(url).await?;
+    let mut submitted = Vec::new();
+    for name in names {
+        let spec = JobSpec {
+            job: name.clone(),
+            name: format!("reproduce {name} ({})", args.preset),
+            preset: args.preset.clone(),
+            ranks: args.ranks,
+            max_restarts: 2,
+            ..Default::default()
+        };
+        let job = client
+            .jobs
+            .submit_job(SubmitJobRequest { spec: Some(spec) })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .job
+            .context("the coordinator accepted a job but returned no record")?;
+        println!("submitted {name}: {}", job.id);
+        submitted.push((name.clone(), job.id));
+    }
+    let multi = MultiProgress::new();
+    let mut watches = Vec::new();
+    for (name, id) in &submitted {
+        let bar = multi.add(ProgressBar::new(0));
+        bar.set_style(style());
+        bar.set_prefix(format!("{name:<12}"));
+        bar.set_message("pending");
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let url = url.to_string();
+        let (name, id) = (name.clone(), id.clone());
+        watches.push(tokio::spawn(async move {
+            let result = watch(&url, &id, &bar).await;
+            bar.finish();
+            (name, result)
+        }));
+    }
+    let mut jobs: Vec<(String, Job)> = Vec::new();
+    for w in watches {
+        let (name, job) = w.await.context("a watch task failed")?;
+        jobs.push((name, job?));
+    }
+    let _ = multi.clear();
+    let rows = rows(&jobs);
+    let failed = jobs
+        .iter()
+        .filter(|(_, j)| j.state() != JobState::Succeeded)
+        .count();
+    let value = Value::Array(rows.iter().map(row_json).collect());
+    if !print_structured(args.output.output, &value)? {
+        println!("{}", table(&rows));
+        for (name, job) in &jobs {
+            if job.state() != JobState::Succeeded {
+                println!(
+                    "{name} ({}) {}: {}",
+                    job.id,
+                    job_state_name(job.state),
+                    job.state_reason
+                );
+            }
+        }
+    }
+    if let Some(path) = &args.markdown {
+        write_markdown(path, &args.preset, &jobs, &rows)?;
+        if args.output.output == OutputFormat::Table {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner:.green} {prefix} [{bar:28.cyan/blue}] {pos:>6}/{len:<6} {msg}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Follows one job until it ends, feeding its bar; returns its final record.
+async fn watch(url: &str, id: &str, bar: &ProgressBar) -> Result<Job> {
+    let mut client = Client::connect(url).await?;
+    let mut stream = client
+        .jobs
+        .watch_job(WatchJobRequest {
+            id: id.to_string(),
+            follow: true,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(rpc)?;
+        match ev.kind {
+            Some(Kind::Progress(p)) => {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(p.stage);
+            }
+            Some(Kind::Transition(t)) => bar.set_message(job_state_name(t.to).to_lowercase()),
+            _ => {}
+        }
+    }
+    let job = client
+        .jobs
+        .get_job(GetJobRequest { id: id.to_string() })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    bar.set_message(job_state_name(job.state).to_lowercase());
+    Ok(job)
+}
+
+/// The claims of every job: its structured claims, else its notes that say HELD / NOT HELD,
+/// else one row saying it has none (or why it failed).
+fn rows(jobs: &[(String, Job)]) -> Vec<Row> {
+    let mut out = Vec::new();
+    for (name, job) in jobs {
+        let state = job_state_name(job.state).to_string();
+        let claims: Vec<Claim> = match &job.result {
+            Some(r) if !r.claims.is_empty() => r.claims.clone(),
+            Some(r) => r.notes.iter().filter_map(|n| claim_from_note(n)).collect(),
+            None => Vec::new(),
+        };
+        if claims.is_empty() {
+            out.push(Row {
+                job: name.clone(),
+                job_id: job.id.clone(),
+                state: state.clone(),
+                claim: Claim {
+                    claim: if job.state() == JobState::Succeeded {
+                        "(the job reported no claims)".into()
+                    } else {
+                        format!("(job {})", state.to_lowercase())
+                    },
+                    ..Default::default()
+                },
+            });
+        }
+        for claim in claims {
+            out.push(Row {
+                job: name.clone(),
+                job_id: job.id.clone(),
+                state: state.clone(),
+                claim,
+            });
+        }
+    }
+    out
+}
+
+/// A note such as `paper's claim (ODE-Net within ...): HELD (...)` as a claim.
+fn claim_from_note(note: &str) -> Option<Claim> {
+    let held = if note.contains("NOT HELD") {
+        false
+    } else if note.contains("HELD") {
+        true
+    } else {
+        return None;
+    };
+    let text = note.split(": HELD").next().unwrap_or(note);
+    let text = text.split(": NOT HELD").next().unwrap_or(text);
+    let detail = note
+        .split_once("HELD")
+        .map(|(_, rest)| rest.trim().trim_start_matches('(').trim_end_matches(')'))
+        .unwrap_or_default();
+    Some(Claim {
+        claim: text.trim().to_string(),
+        treatment: detail.to_string(),
+        held,
+        ..Default::default()
+    })
+}
+
+fn verdict(row: &Row) -> &'static str {
+    if row.state != "SUCCEEDED" {
+        "-"
+    } else if row.claim.held {
+        "HELD"
+    } else {
+        "NOT HELD"
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = new_table(["Job", "Claim", "Paper", "Ours", "Baseline", "Held"]);
+    for r in rows {
+        let claim = if r.claim.experiment.is_empty() {
+            r.claim.claim.clone()
+        } else {
+            format!("[{}] {}", r.claim.experiment, r.claim.claim)
+        };
+        t.add_row([
+            r.job.clone(),
+            claim,
+            r.claim.paper.clone(),
+            r.claim.treatment.clone(),
+            r.claim.baseline.clone(),
+            verdict(r).to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+fn row_json(r: &Row) -> Value {
+    json!({
+        "job": r.job,
+        "job_id": r.job_id,
+        "state": r.state,
+        "experiment": r.claim.experiment,
+        "claim": r.claim.claim,
+        "paper": r.claim.paper,
+        "treatment": r.claim.treatment,
+        "baseline": r.claim.baseline,
+        "held": verdict(r) == "HELD",
+    })
+}
+
+/// `YYYYmmdd-HHMMSS` of now (UTC).
+fn chrono_stamp() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    crate::output::utc_timestamp(ms)
+        .replace(['-', ':'], "")
+        .replace(' ', "-")
+        .chars()
+        .take(15)
+        .collect()
+}
+
+fn machine() -> String {
+    let host = crate::cmd::worker::hostname();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string());
+    format!("{host}: {os}, {cores} cores")
+}
+
+/// The `seed` of each job's resolved config.
+fn seeds(jobs: &[(String, Job)]) -> BTreeMap<String, String> {
+    jobs.iter()
+        .map(|(name, job)| {
+            let seed = serde_json::from_str::<Value>(&job.resolved_config_json)
+                .ok()
+                .and_then(|v| v.get("values").and_then(|v| v.get("seed")).cloned())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "?".into());
+            (name.clone(), seed)
+        })
+        .collect()
+}
+
+fn write_markdown(path: &Path, preset: &str, jobs: &[(String, Job)], rows: &[Row]) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Reproduced claims (`{preset}` preset)\n\nWritten by `trainyard reproduce --preset {preset} --markdown {}` on {} UTC, on {}.\n\n",
+        path.display(),
+        crate::output::utc_timestamp(now),
+        machine()
+    ));
+    md.push_str("| job | claim | paper | ours | baseline | held |\n|---|---|---|---|---|---|\n");
+    for r in rows {
+        let claim = if r.claim.experiment.is_empty() {
+            r.claim.claim.clone()
+        } else {
+            format!("[{}] {}", r.claim.experiment, r.claim.claim)
+        };
+        let cells = [
+            r.job.as_str(),
+            claim.as_str(),
+            r.claim.paper.as_str(),
+            r.claim.treatment.as_str(),
+            r.claim.baseline.as_str(),
+            verdict(r),
+        ];
+        let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    md.push_str("\nJobs and seeds:\n\n");
+    let seeds = seeds(jobs);
+    for (name, job) in jobs {
+        md.push_str(&format!(
+            "- `{name}`: job {} ({}), seed {}\n",
+            job.id,
+            job_state_name(job.state),
+            seeds.get(name).map(String::as_str).unwrap_or("?")
+        ));
+    }
+    std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_proto::ResultTable;
+
+    fn job(state: JobState, result: Option<ResultTable>) -> Job {
+        Job {
+            id: "job-1".into(),
+            state: state as i32,
+            result,
+            resolved_config_json: r#"{"preset":"quick","values":{"seed":7}}"#.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn claims_come_from_the_table_or_its_notes() {
+        let structured = ResultTable {
+            claims: vec![Claim {
+                experiment: "cnf".into(),
+                claim: "CNF NLL below planar".into(),
+                paper: "-".into(),
+                treatment: "2.1".into(),
+                baseline: "2.4".into(),
+                held: true,
+            }],
+            ..Default::default()
+        };
+        let noted = ResultTable {
+            notes: vec![
+                "width 32".into(),
+                "paper's claim (ODE-Net within 0.7 points): HELD (ResNet - ODE-Net = +0.10 points)"
+                    .into(),
+                "other claim: NOT HELD (x)".into(),
+            ],
+            ..Default::default()
+        };
+        let jobs = vec![
+            ("a".to_string(), job(JobState::Succeeded, Some(structured))),
+            ("b".to_string(), job(JobState::Succeeded, Some(noted))),
+            ("c".to_string(), job(JobState::Failed, None)),
+        ];
+        let rows = rows(&jobs);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(verdict(&rows[0]), "HELD");
+        assert_eq!(
+            rows[1].claim.claim,
+            "paper's claim (ODE-Net within 0.7 points)"
+        );
+        assert_eq!(rows[1].claim.treatment, "ResNet - ODE-Net = +0.10 points");
+        assert_eq!(verdict(&rows[1]), "HELD");
+        assert_eq!(verdict(&rows[2]), "NOT HELD");
+        assert_eq!(rows[3].claim.claim, "(job failed)");
+        assert_eq!(verdict(&rows[3]), "-");
+        let text = table(&rows);
+        assert!(text.contains("[cnf] CNF NLL below planar"), "{text}");
+        assert_eq!(seeds(&jobs)["a"], "7");
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("results.md");
+        write_markdown(&md, "quick", &jobs, &rows).unwrap();
+        let md = std::fs::read_to_string(md).unwrap();
+        assert!(
+            md.contains("| a | [cnf] CNF NLL below planar | - | 2.1 | 2.4 | HELD |"),
+            "{md}"
+        );
+        assert!(md.contains("seed 7"), "{md}");
+    }
+}

@@ -1,0 +1,182 @@
+//! Config keys and presets of the `db-vae` job, plus the cross-key checks.
+
+use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
+
+/// Which models to train: `both` is the standard CNN (uniform sampling) and the DB-VAE
+/// (adaptive resampling); `all` adds the DB-VAE with uniform sampling (the ablation that
+/// separates the VAE regulariser from the resampling).
+pub const MODELS: &[&str] = &["both", "all", "cnn", "dbvae", "dbvae-uniform"];
+/// How the per-dimension resampling weights are combined.
+pub const COMBINES: &[&str] = &["product", "max"];
+/// The `positives` value of the MNIST-10k subset embedded in the binary.
+pub const BUILTIN_POSITIVES: &str = "builtin:mnist-10k";
+/// The `negatives` value of the Fashion-MNIST-12k subset embedded in the binary.
+pub const BUILTIN_NEGATIVES: &str = "builtin:fashion-mnist-12k";
+
+/// The job's schema: presets `quick` (default, a few minutes on 2 CPU cores: the brief's
+/// CPU scale) and `paper` (its GPU scale: all images, latent 32, 20 epochs).
+pub fn schema() -> ConfigSchema {
+    let keys = vec![
+        ConfigKey::choice(
+            "models",
+            MODELS,
+            "both",
+            "both: standard CNN + DB-VAE; all: also the DB-VAE with uniform sampling; or one",
+        ),
+        ConfigKey::str(
+            "positives",
+            BUILTIN_POSITIVES,
+            "the digits: builtin:mnist-10k, or the URL of a folder in MNIST layout pushed with \
+             `trainyard data push` (file://, s3://, gs://, az://)",
+        ),
+        ConfigKey::str(
+            "negatives",
+            BUILTIN_NEGATIVES,
+            "the non-digits: builtin:fashion-mnist-12k, or a data set URL in MNIST layout",
+        ),
+        ConfigKey::float(
+            "rare_fraction",
+            0.0,
+            1.0,
+            0.03,
+            "fraction of training positives inverted (the rare subgroup)",
+        ),
+        ConfigKey::float(
+            "negative_inverted_fraction",
+            0.0,
+            1.0,
+            0.5,
+            "fraction of negatives inverted (makes inversion spuriously predictive of 'not a \
+             digit')",
+        ),
+        ConfigKey::float(
+            "rotate_fraction",
+            0.0,
+            1.0,
+            0.2,
+            "fraction of training positives and of negatives rotated by 90 degrees",
+        ),
+        ConfigKey::int(
+            "train_positives",
+            0,
+            10_000_000,
+            0,
+            "training positives used (0: all)",
+        )
+        .preset("quick", 8000),
+        ConfigKey::int(
+            "train_negatives",
+            0,
+            10_000_000,
+            0,
+            "training negatives used (0: all)",
+        )
+        .preset("quick", 8000),
+        ConfigKey::int(
+            "test_per_group",
+            1,
+            100_000,
+            400,
+            "held-out positives per subgroup of the 2x2 test grid",
+        ),
+        ConfigKey::int("test_negatives", 1, 1_000_000, 1600, "held-out negatives"),
+        ConfigKey::int("latent_dim", 1, 1024, 32, "latent size k").preset("quick", 16),
+        ConfigKey::int("hidden", 1, 8192, 256, "units of the encoder's dense layer"),
+        ConfigKey::float(
+            "alpha",
+            0.0,
+            1e9,
+            0.01,
+            "debiasing parameter: histogram smoothing; 0 is maximal debiasing, a large value \
+             is close to uniform sampling",
+        ),
+        ConfigKey::int("bins", 1, 1000, 10, "histogram bins per latent dimension"),
+        ConfigKey::choice(
+            "combine",
+            COMBINES,
+            "product",
+            "combine the per-dimension weights by the paper's product or the lab's max",
+        ),
+        ConfigKey::float("kl_weight", 0.0, 100.0, 5e-4, "weight c of the KL term"),
+        ConfigKey::int("epochs", 1, 10_000, 20, "training epochs per model").preset("quick", 5),
+        ConfigKey::int(
+            "batch_size",
+            2,
+            8192,
+            64,
+            "per-rank batch: half positives (resampled), half negatives (uniform)",
+        ),
+        ConfigKey::float("lr", 1e-7, 1.0, 5e-4, "Adam learning rate"),
+        ConfigKey::int(
+            "eval_batch_size",
+            1,
+            8192,
+            500,
+            "batch size of evaluation and of the latent pass",
+        ),
+        ConfigKey::int(
+            "seed",
+            0,
+            i64::MAX,
+            0,
+            "seed of the task, init, sampling and noise",
+        ),
+        ConfigKey::int(
+            "checkpoint_every",
+            0,
+            1_000_000,
+            200,
+            "save a checkpoint every N steps (0: only at model boundaries)",
+        ),
+        ConfigKey::int(
+            "log_every",
+            1,
+            1_000_000,
+            50,
+            "log a training line every N steps",
+        ),
+    ];
+    match ConfigSchema::new(
+        &[
+            (
+                "quick",
+                "the brief's CPU scale: 8k digits + 8k fashion items, latent 16, 5 epochs, batch \
+                 64, Adam 5e-4",
+            ),
+            (
+                "paper",
+                "the brief's GPU scale: all images, latent 32, 20 epochs, batch 64 (run 5 seeds \
+                 with --set seed=N)",
+            ),
+        ],
+        keys,
+    ) {
+        Ok(schema) => schema,
+        Err(e) => panic!("db-vae schema is invalid: {e}"),
+    }
+}
+
+fn check_source(config: &ResolvedConfig, key: &str, builtin: &str) -> Result<(), ConfigError> {
+    let value = config.get_str(key)?;
+    let url_ok = ["file://", "s3://", "gs://", "az://"]
+        .iter()
+        .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
+    if value != builtin && !url_ok {
+        return Err(ConfigError::InvalidValue {
+            key: key.into(),
+            value: value.to_string(),
+            reason: format!(
+                "expected {builtin} or a data set URL (file:///abs/path, s3://bucket/prefix, \
+                 gs://..., az://...)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks what single-key validation cannot: the data set values.
+pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
+    check_source(config, "positives", BUILTIN_POSITIVES)?;
+    check_source(config, "negatives", BUILTIN_NEGATIVES)?;
+    Ok(())
+}
