@@ -396,6 +396,9 @@ pub struct ReproduceArgs {
     /// Ranks of each job.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub ranks: u32,
+    /// Override a config key in every job that has it (repeatable), e.g. `--set epochs=1`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Start a local cluster for the run (instead of using --coordinator's).
     #[arg(long)]
     pub local: bool,

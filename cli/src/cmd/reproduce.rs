@@ -58,6 +58,22 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
             )));
         }
     }
+    let mut overrides = Vec::new();
+    for arg in &args.set {
+        let (k, v) = crate::spec::parse_set(arg)?;
+        let known = names.iter().any(|n| {
+            registry
+                .get(n)
+                .is_some_and(|j| j.schema().key(&k).is_some())
+        });
+        if !known {
+            return Err(bad_input(format!(
+                "--set {k}: none of the jobs ({}) has this config key",
+                names.join(", ")
+            )));
+        }
+        overrides.push((k, v));
+    }
     let mut local = None;
     let url = if args.local {
         let data_dir = args.data_dir.clone().unwrap_or_else(|| {
@@ -86,18 +102,35 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
     } else {
         url.to_string()
     };
-    let outcome = reproduce_on(&url, &names, &args).await;
+    let outcome = reproduce_on(&url, &names, &overrides, &args).await;
     if let Some(cluster) = local {
         cluster.stop().await?;
     }
     outcome
 }
 
-async fn reproduce_on(url: &str, names: &[String], args: &ReproduceArgs) -> Result<i32> {
+async fn reproduce_on(
+    url: &str,
+    names: &[String],
+    overrides: &[(String, String)],
+    args: &ReproduceArgs,
+) -> Result<i32> {
+    let registry = trainyard_jobs::registry();
     let mut client = Client::connect(url).await?;
     let mut submitted = Vec::new();
     for name in names {
+        // Each job takes the overrides of the keys it has.
+        let config = overrides
+            .iter()
+            .filter(|(k, _)| {
+                registry
+                    .get(name)
+                    .is_some_and(|j| j.schema().key(k).is_some())
+            })
+            .cloned()
+            .collect();
         let spec = JobSpec {
+            config,
             job: name.clone(),
             name: format!("reproduce {name} ({})", args.preset),
             preset: args.preset.clone(),
