@@ -58,6 +58,27 @@ pub struct ResultsTable {
     pub rows: Vec<Vec<String>>,
     /// Conclusions, one per line (for example whether the paper's claim held).
     pub notes: Vec<String>,
+    /// The paper's claims this run checked (`trainyard reproduce` collects them).
+    #[serde(default)]
+    pub claims: Vec<Claim>,
+}
+
+/// One claim of a paper, checked by a job: the paper's number, ours for the treatment and
+/// for the baseline trained in the same job, and whether the claim held.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Claim {
+    /// Experiment within the job, e.g. `mnist` or `cnf/two-moons`.
+    pub experiment: String,
+    /// The claim in words.
+    pub claim: String,
+    /// The paper's number(s), as text (`-` when the paper gives none at this scale).
+    pub paper: String,
+    /// Our treatment's number.
+    pub treatment: String,
+    /// Our baseline's number.
+    pub baseline: String,
+    /// Whether the claim held in this run.
+    pub held: bool,
 }
 
 /// What a running job can do with the outside world. The rank process implements it;

@@ -351,6 +351,30 @@ pub fn loopback_rings(n: usize, attempt: &str, config: RingConfig) -> Result<Vec
     })
 }
 
+/// Prints a results table as plain text (title, `|`-separated rows, notes, claims), for the
+/// ignored `quick_preset` tests that print a job's full-size results.
+pub fn print_results(table: &ResultsTable) {
+    println!("{}", table.title);
+    println!("{}", table.columns.join(" | "));
+    for row in &table.rows {
+        println!("{}", row.join(" | "));
+    }
+    for note in &table.notes {
+        println!("  * {note}");
+    }
+    for c in &table.claims {
+        println!(
+            "  claim {}: {} | paper {} | ours {} | baseline {} | {}",
+            c.experiment,
+            c.claim,
+            c.paper,
+            c.treatment,
+            c.baseline,
+            if c.held { "HELD" } else { "NOT HELD" }
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

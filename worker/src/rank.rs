@@ -30,8 +30,8 @@ use trainyard_proto::RankAssignment;
 use crate::checkpoint;
 use crate::objects::{open_objects, Objects};
 use crate::protocol::{
-    decode_assignment, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU, DEVICE_CUDA,
-    DEVICE_ENV,
+    decode_assignment, ClaimMessage, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU,
+    DEVICE_CUDA, DEVICE_ENV,
 };
 use crate::rendezvous::{self, Mailbox, Rendezvous};
 use crate::uploader::{CheckpointUploader, Committed, UploadError, UploaderOptions};
@@ -610,7 +610,18 @@ impl JobContext for RankContext {
             columns: table.columns.clone(),
             rows: table.rows.clone(),
             notes: table.notes.clone(),
-            claims: Vec::new(),
+            claims: table
+                .claims
+                .iter()
+                .map(|c| ClaimMessage {
+                    experiment: c.experiment.clone(),
+                    claim: c.claim.clone(),
+                    paper: c.paper.clone(),
+                    treatment: c.treatment.clone(),
+                    baseline: c.baseline.clone(),
+                    held: c.held,
+                })
+                .collect(),
         });
     }
 
@@ -830,10 +841,23 @@ mod tests {
             columns: vec!["c".into()],
             rows: vec![vec!["v".into()]],
             notes: vec![],
+            claims: vec![trainyard_jobs::Claim {
+                experiment: "e".into(),
+                claim: "c".into(),
+                held: true,
+                ..Default::default()
+            }],
         });
 
         let events = cap.events();
         assert_eq!(events.len(), 6, "{events:?}");
+        match &events[5] {
+            RankMessage::Result { claims, .. } => {
+                assert_eq!(claims.len(), 1);
+                assert!(claims[0].held && claims[0].experiment == "e");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             events[0],
             RankMessage::Log {

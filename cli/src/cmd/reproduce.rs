@@ -91,7 +91,7 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
         )
         .await?;
         cluster.wait_ready().await?;
-        println!(
+        eprintln!(
             "local cluster at {} (data: {})",
             cluster.url,
             cluster.data_dir.display()
@@ -146,7 +146,8 @@ async fn reproduce_on(
             .into_inner()
             .job
             .context("the coordinator accepted a job but returned no record")?;
-        println!("submitted {name}: {}", job.id);
+        // Keep stdout to the table (or the JSON/YAML) alone.
+        eprintln!("submitted {name}: {}", job.id);
         submitted.push((name.clone(), job.id));
     }
     let multi = MultiProgress::new();

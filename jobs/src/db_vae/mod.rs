@@ -265,9 +265,10 @@ mod tests {
         assert_eq!(b.state["world_size"], 2);
     }
 
-    /// The `quick` preset, in-process, printing its log and table (minutes in a release
-    /// build): `cargo nextest run --release -p trainyard-jobs db_vae::tests::quick_preset
-    /// --run-ignored only --no-capture`; `DB_VAE_SET=key=value,...` overrides keys.
+    /// The `quick` preset, in-process, printing its log and table (1.5 to 4 minutes in a
+    /// release build on 2 shared cores; nextest's slow-timeout may kill it, so use cargo test):
+    /// `cargo test --release -p trainyard-jobs --lib db_vae::tests::quick_preset --
+    /// --ignored --nocapture`; `DB_VAE_SET=key=value,...` overrides keys.
     #[test]
     #[ignore]
     fn quick_preset() {
@@ -282,14 +283,7 @@ mod tests {
         let ctx = MemoryContext::new().echo_logs(true);
         job.run(&config, &ctx).unwrap();
         let table = ctx.results_table().unwrap();
-        println!("{}", table.title);
-        println!("{}", table.columns.join(" | "));
-        for row in &table.rows {
-            println!("{}", row.join(" | "));
-        }
-        for note in &table.notes {
-            println!("  * {note}");
-        }
+        crate::testing::print_results(&table);
     }
 
     #[test]
@@ -313,7 +307,9 @@ mod tests {
             .unwrap();
         let quick = job.resolve_config("quick", &BTreeMap::new()).unwrap();
         assert_eq!(quick.get_usize("latent_dim").unwrap(), 16);
-        assert_eq!(quick.get_usize("train_positives").unwrap(), 8000);
+        assert_eq!(quick.get_usize("train_positives").unwrap(), 3000);
+        assert_eq!(quick.get_usize("epochs").unwrap(), 3);
+        assert_eq!(quick.get_str("combine").unwrap(), "max");
         assert_eq!(quick.get_f64("alpha").unwrap(), 0.01);
         let paper = job.resolve_config("paper", &BTreeMap::new()).unwrap();
         assert_eq!(paper.get_usize("latent_dim").unwrap(), 32);

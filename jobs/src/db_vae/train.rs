@@ -34,7 +34,7 @@ use super::data::{
     POSITIVE_GROUPS,
 };
 use super::models::{classifier_loss, dbvae_loss, Classifier, DbVae};
-use super::resample::{draw, sampling_weights, uniform, Combine};
+use super::resample::{draw, effective_sample_size, sampling_weights, uniform, Combine};
 use super::schema::{BUILTIN_NEGATIVES, BUILTIN_POSITIVES};
 use crate::config::ResolvedConfig;
 use crate::data::{
@@ -97,8 +97,8 @@ impl Settings {
             alpha: c.get_f64("alpha")?,
             bins: c.get_usize("bins")?,
             combine: match c.get_str("combine")? {
-                "max" => Combine::Max,
-                _ => Combine::Product,
+                "product" => Combine::Product,
+                _ => Combine::Max,
             },
             kl_weight: c.get_f64("kl_weight")?,
             epochs: c.get_u64("epochs")?,
@@ -133,6 +133,10 @@ pub struct ModelResult {
     /// Mean sampling weight of each positive training subgroup in the last epoch, relative
     /// to uniform sampling (1 = uniform; 0 for an empty subgroup).
     pub mean_weight: Vec<f64>,
+    /// Effective sample size `1 / Σ w²` of the last epoch's sampling weights (the number of
+    /// positives for uniform sampling).
+    #[serde(default)]
+    pub weight_ess: f64,
     /// Trainable parameters.
     pub params: usize,
     /// Training wall time in seconds (summed over resumed attempts).
@@ -605,13 +609,7 @@ fn restore_into(
         }
         v.set(&t.to_dtype(v.dtype())?)?;
     }
-    let opt_state: BTreeMap<String, Tensor> = tensors
-        .iter()
-        .filter_map(|(k, t)| {
-            k.strip_prefix("optimizer.")
-                .map(|n| (n.to_string(), t.clone()))
-        })
-        .collect();
+    let opt_state = crate::train::with_prefix(tensors, "optimizer.");
     opt.load_state(&opt_state).map_err(ckpt_err)?;
     match tensors.get(WEIGHTS_TENSOR) {
         Some(t) => Ok(Some(
@@ -707,14 +705,22 @@ fn train_model(
                 // reporting only: how much the inverted positives are up-weighted
                 let ratio =
                     inverted_ratio(&mean_weight_per_group(&current, pos, &data.train_groups));
+                let ess = effective_sample_size(&current);
+                let top = current.iter().copied().fold(0.0, f64::max) * pos.len() as f64;
                 ctx.metrics(
                     state.global_step,
-                    &[(&format!("{name}/weight_ratio_inverted"), ratio)],
+                    &[
+                        (&format!("{name}/weight_ratio_inverted"), ratio),
+                        (&format!("{name}/weight_ess"), ess),
+                        (&format!("{name}/weight_top"), top),
+                    ],
                 );
                 ctx.log(&format!(
                     "{name} epoch {}: sampling weights recomputed (inverted/normal mean weight \
-                     {ratio:.2})",
-                    state.epoch + 1
+                     {ratio:.2}, effective sample size {ess:.0} of {}, largest weight \
+                     {top:.1}x uniform)",
+                    state.epoch + 1,
+                    pos.len()
                 ));
             }
         } else if !resamples(&name) {
@@ -875,6 +881,7 @@ fn train_model(
         test_loss: ev.loss / total.max(1.0),
         recall,
         mean_weight: mean_weight_per_group(&current, pos, &data.train_groups),
+        weight_ess: effective_sample_size(&current),
         params,
         train_seconds,
     };
@@ -996,6 +1003,18 @@ fn results_table(
                 .join(", "),
             inverted_ratio(w)
         ));
+        notes.push(format!(
+            "resampling: per latent dimension, p_i(x) = 1 / smoothed histogram density, \
+             normalised over the positives; combined by {} and renormalised (max is the \
+             brief's recipe and the lab's code; product is the paper's form, untempered, which \
+             concentrates exponentially in the latent size); effective sample size of the last \
+             epoch's weights {:.0} of {n_pos} positives",
+            match s.combine {
+                Combine::Product => "the product over dimensions",
+                Combine::Max => "the max over dimensions",
+            },
+            d.weight_ess
+        ));
     }
     let baseline = find("cnn").or_else(|| find("dbvae-uniform"));
     match (baseline, find("dbvae")) {
@@ -1057,6 +1076,7 @@ fn results_table(
         columns,
         rows,
         notes,
+        claims: Vec::new(),
     }
 }
 

@@ -152,11 +152,11 @@ mod tests {
             assert!(last < first - 50.0, "{model}: loss {first} -> {last}");
             // 10 classes: chance is 10%; even one small epoch clusters far better
             let acc = ctx.last_metric(&format!("{model}/test_acc")).unwrap();
-            assert!(acc > 0.25, "{model}: accuracy {acc}");
+            assert!(acc > 0.2, "{model}: accuracy {acc}");
             let lab = ctx
                 .last_metric(&format!("{model}/test_acc_labelled"))
                 .unwrap();
-            assert!(lab > 0.4, "{model}: labelled-class accuracy {lab}");
+            assert!(lab > 0.3, "{model}: labelled-class accuracy {lab}");
             assert!(ctx.last_metric(&format!("{model}/test_elbo")).unwrap() < 0.0);
         }
         let json = ctx

@@ -567,12 +567,12 @@ mod tests {
             let xi = x.narrow(0, i, 1).unwrap();
             let hi = hx.narrow(0, i, 1).unwrap();
             let mut want = 0.0f64;
-            for k in 0..d.y {
+            for (k, &qk) in q[i].iter().enumerate() {
                 let y = Tensor::new(&[k as u32], &Device::Cpu).unwrap();
                 let y = one_hot(&y, d.y, DType::F32).unwrap();
                 let e = eps.narrow(0, i * d.y + k, 1).unwrap();
                 let l = m.bound(&xi, &hi, &y, &e).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-                let qk = q[i][k] as f64;
+                let qk = qk as f64;
                 want += qk * l - qk * qk.max(1e-30).ln();
             }
             assert!(

@@ -613,13 +613,7 @@ fn train_model(
             }
             v.set(&t.to_dtype(v.dtype())?)?;
         }
-        let opt_state: BTreeMap<String, Tensor> = tensors
-            .iter()
-            .filter_map(|(k, t)| {
-                k.strip_prefix("optimizer.")
-                    .map(|n| (n.to_string(), t.clone()))
-            })
-            .collect();
+        let opt_state = crate::train::with_prefix(&tensors, "optimizer.");
         opt.load_state(&opt_state).map_err(ckpt_err)?;
     }
     let dp_vars = forward_order(&vars);
@@ -719,12 +713,16 @@ fn train_model(
             let total = (&losses.total + prior)?;
             let mut grads = total.backward()?;
             dp.all_reduce_grads(&dp_vars, &mut grads)?;
-            if s.clip > 0.0 {
-                for (_, v) in &vars {
-                    if let Some(g) = grads.get(v.as_tensor()) {
-                        let clipped = g.clamp(-s.clip, s.clip)?;
-                        grads.insert(v.as_tensor(), clipped);
+            // Detach every gradient before the optimizer keeps it in its moments: candle
+            // leaves a variable's gradient attached to the step's graph, and Adam's moments
+            // would then hold every step's graph alive. Then clip elementwise.
+            for (_, v) in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let mut g = g.detach();
+                    if s.clip > 0.0 {
+                        g = g.clamp(-s.clip, s.clip)?;
                     }
+                    grads.insert(v.as_tensor(), g);
                 }
             }
             let scalar = |t: &Tensor| -> Result<f64, JobError> { Ok(t.to_scalar::<f32>()? as f64) };
@@ -1005,5 +1003,6 @@ fn results_table(s: &Settings, data: &Data, world: usize, results: &[ModelResult
         .collect(),
         rows,
         notes,
+        claims: Vec::new(),
     }
 }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::toy2d::{to_tensor, Density};
 use crate::config::ResolvedConfig;
 use crate::data::derived_rng;
-use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
+use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
 use crate::ode::{dopri5, Dopri5Options, SolveStats};
 use crate::plot::{Color, Colormap, Figure, Grid};
 use crate::train::{count_params, init_pytorch_style, named_vars, DataParallel, Optimizer};
@@ -553,13 +553,7 @@ fn restore(
         }
         v.set(&t.to_dtype(v.dtype())?)?;
     }
-    let opt_state: BTreeMap<String, Tensor> = tensors
-        .iter()
-        .filter_map(|(k, t)| {
-            k.strip_prefix("optimizer.")
-                .map(|n| (n.to_string(), t.clone()))
-        })
-        .collect();
+    let opt_state = crate::train::with_prefix(tensors, "optimizer.");
     opt.load_state(&opt_state).map_err(ckpt_err)
 }
 
@@ -852,6 +846,7 @@ fn results_table(s: &Settings, world: usize, results: &[PhaseResult]) -> Results
         s.test_samples
     )];
     let mut claims = Vec::new();
+    let mut checked = Vec::new();
     for d in &s.densities {
         let find = |m: &str| {
             results
@@ -876,6 +871,14 @@ fn results_table(s: &Settings, world: usize, results: &[PhaseResult]) -> Results
             format!("{:.1}", cnf.train_seconds + planar.train_seconds),
             if held { "HELD" } else { "NOT HELD" }.to_string(),
         ]);
+        checked.push(Claim {
+            experiment: format!("cnf/{}", d.name()),
+            claim: "CNF held-out NLL below the planar flow's".to_string(),
+            paper: "qualitative (Fig. 4); brief: CNF <= 1.05 nats, >= 0.1 below planar".to_string(),
+            treatment: format!("CNF {:.3} nats", cnf.test_nll),
+            baseline: format!("planar {:.3} nats", planar.test_nll),
+            held,
+        });
         claims.push(format!(
             "{}: {} (planar - CNF = {gap:+.3} nats; the brief's target margin 0.1 nats: {})",
             d.name(),
@@ -911,6 +914,7 @@ fn results_table(s: &Settings, world: usize, results: &[PhaseResult]) -> Results
         .collect(),
         rows,
         notes,
+        claims: checked,
     }
 }
 
@@ -1159,30 +1163,27 @@ mod tests {
     }
 
     /// The `quick` preset end to end, printing the results table (minutes):
-    /// `cargo nextest run -p trainyard-jobs --run-ignored only quick_preset`. Set
-    /// `CNF_PLOT_DIR` to also write the PNGs there.
+    /// `cargo nextest run -p trainyard-jobs --run-ignored only -E
+    /// 'test(=neural_ode::cnf::tests::quick_preset_prints_the_results_table)'`. Set
+    /// `CNF_PLOT_DIR` to also write the PNGs there, `CNF_SET=key=value,...` to override keys.
     #[test]
     #[ignore]
     fn quick_preset_prints_the_results_table() {
         use crate::job::Job;
         use crate::testing::MemoryContext;
         let job = super::super::NeuralOdeJob::new();
-        let o: BTreeMap<String, String> = [("experiment".to_string(), "cnf".to_string())]
-            .into_iter()
+        // CNF_SET="key=value,key=value" overrides keys of the preset
+        let extra = std::env::var("CNF_SET").unwrap_or_default();
+        let o: BTreeMap<String, String> = std::iter::once(("experiment", "cnf"))
+            .chain(extra.split(',').filter_map(|kv| kv.split_once('=')))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let config = job.resolve_config("quick", &o).unwrap();
         let ctx = MemoryContext::new().echo_logs(true);
         let started = Instant::now();
         job.run(&config, &ctx).unwrap();
         let table = ctx.results_table().unwrap();
-        println!("{}", table.title);
-        println!("{}", table.columns.join(" | "));
-        for row in &table.rows {
-            println!("{}", row.join(" | "));
-        }
-        for note in &table.notes {
-            println!("  * {note}");
-        }
+        crate::testing::print_results(&table);
         println!("wall {:.1}s", started.elapsed().as_secs_f64());
         if let Ok(dir) = std::env::var("CNF_PLOT_DIR") {
             for (name, bytes) in ctx.artifacts() {

@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod cnf;
+pub mod latent;
 pub mod mnist;
 pub mod models;
 pub mod schema;
@@ -80,6 +81,7 @@ impl Job for NeuralOdeJob {
         schema::check(config)?;
         match config.get_str("experiment")? {
             "mnist" => mnist::run(config, ctx),
+            "latent-ode" => latent::run(config, ctx),
             "cnf" => cnf::run(config, ctx),
             other => Err(JobError::Other(format!("unknown experiment {other}"))),
         }

@@ -4,7 +4,7 @@
 use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
 
 /// Experiments this job can run (later issues add `cnf` and `latent-ode`).
-pub const EXPERIMENTS: &[&str] = &["mnist", "cnf"];
+pub const EXPERIMENTS: &[&str] = &["mnist", "cnf", "latent-ode"];
 /// Which models to train.
 pub const MODELS: &[&str] = &["both", "odenet", "resnet"];
 /// Target densities of `experiment=cnf` (`all` trains each in turn).
@@ -40,6 +40,32 @@ pub fn schema() -> ConfigSchema {
         ConfigKey::float("atol", 1e-9, 1.0, 1e-3, "dopri5 absolute tolerance")
             .preset("quick", 0.1),
         ConfigKey::int("rk4_steps", 1, 1000, 4, "RK4 steps on [0, 1] (solver=rk4)"),
+        ConfigKey::int(
+            "latent_train",
+            1,
+            100_000,
+            1000,
+            "experiment=latent-ode: training spirals (full batch, split over the ranks)",
+        )
+        .preset("quick", 300),
+        ConfigKey::int("latent_test", 1, 100_000, 200, "experiment=latent-ode: test spirals")
+            .preset("quick", 100),
+        ConfigKey::int(
+            "latent_iterations",
+            1,
+            1_000_000,
+            2000,
+            "experiment=latent-ode: Adam iterations (both models train together)",
+        )
+        .preset("quick", 300),
+        ConfigKey::float("latent_lr", 1e-6, 1.0, 0.01, "experiment=latent-ode: Adam learning rate"),
+        ConfigKey::float(
+            "latent_noise",
+            0.0,
+            10.0,
+            0.3,
+            "experiment=latent-ode: observation noise std (also the likelihood's fixed std)",
+        ),
         ConfigKey::choice(
             "gradient",
             GRADIENTS,

@@ -13,4 +13,4 @@ pub use gradcheck::{check_grads, GradCheckError};
 pub use init::init_pytorch_style;
 pub use optim::{Adam, Optimizer, PiecewiseLr, SgdMomentum};
 pub use parallel::{bucket_plan, shard_of, CommTiming, DataParallel};
-pub use params::{count_params, named_vars};
+pub use params::{count_params, named_vars, with_prefix};

@@ -47,9 +47,12 @@ impl SgdMomentum {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let mut g = g.clone();
+            // Detached: candle keeps a variable's gradient attached to the step's graph, so
+            // a moment built from it would keep every step's graph alive (memory grows
+            // by a whole forward pass per step).
+            let mut g = g.detach();
             if self.weight_decay != 0.0 {
-                g = (g + (var.as_tensor() * self.weight_decay)?)?;
+                g = (g + (var.as_tensor().detach() * self.weight_decay)?)?;
             }
             let d = if self.momentum != 0.0 {
                 let next = match buf.take() {
@@ -146,9 +149,12 @@ impl Adam {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let mut g = g.clone();
+            // Detached: candle keeps a variable's gradient attached to the step's graph, so
+            // a moment built from it would keep every step's graph alive (memory grows
+            // by a whole forward pass per step).
+            let mut g = g.detach();
             if self.weight_decay != 0.0 {
-                g = (g + (var.as_tensor() * self.weight_decay)?)?;
+                g = (g + (var.as_tensor().detach() * self.weight_decay)?)?;
             }
             let (m, v) = match slot.take() {
                 Some((m, v)) => (
@@ -316,6 +322,37 @@ impl PiecewiseLr {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The optimizers' state holds plain values, not graphs: a moment that tracked its
+    /// gradient's ops would keep every step's forward graph alive (a memory leak of one
+    /// forward pass per step).
+    #[test]
+    fn optimizer_state_does_not_keep_the_graph() {
+        let w = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let x = Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), w.clone())];
+        let mut sgd = SgdMomentum::new(vars.clone(), 0.1, 0.9, 0.01);
+        let mut adam = Adam::new(vars, 0.1, 0.01);
+        for _ in 0..3 {
+            let loss = w
+                .as_tensor()
+                .mul(&x)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            sgd.step(&grads).unwrap();
+            adam.step(&grads).unwrap();
+        }
+        for t in sgd.state_tensors().values() {
+            assert!(!t.track_op(), "an SGD buffer tracks ops");
+        }
+        for (name, t) in adam.state_tensors().unwrap() {
+            assert!(!t.track_op(), "Adam's {name} tracks ops");
+        }
+    }
 
     #[test]
     fn momentum_matches_pytorch_semantics() {

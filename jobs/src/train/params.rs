@@ -15,6 +15,18 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
+/// The tensors of `tensors` whose name starts with `prefix`, renamed without it: e.g. the
+/// optimizer state (`optimizer.m.w` → `m.w`) of a checkpoint's tensors.
+pub fn with_prefix(
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    prefix: &str,
+) -> std::collections::BTreeMap<String, candle_core::Tensor> {
+    tensors
+        .iter()
+        .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+        .collect()
+}
+
 /// Total number of scalar parameters in `varmap`.
 pub fn count_params(varmap: &VarMap) -> usize {
     named_vars(varmap).iter().map(|(_, v)| v.elem_count()).sum()
@@ -25,6 +37,19 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
+
+    #[test]
+    fn with_prefix_strips_and_filters() {
+        let t = candle_core::Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        let all: std::collections::BTreeMap<String, candle_core::Tensor> = [
+            ("model.w".to_string(), t.clone()),
+            ("optimizer.m.w".to_string(), t.clone()),
+            ("optimizer.steps".to_string(), t),
+        ]
+        .into();
+        let got: Vec<String> = with_prefix(&all, "optimizer.").into_keys().collect();
+        assert_eq!(got, vec!["m.w".to_string(), "steps".to_string()]);
+    }
 
     #[test]
     fn counts_linear_layer() {
