@@ -118,21 +118,28 @@ async fn reproduce_on(
     let registry = trainyard_jobs::registry();
     let mut client = Client::connect(url).await?;
     let mut submitted = Vec::new();
-    for name in names {
-        // Each job takes the overrides of the keys it has.
-        let config = overrides
+    for (name, experiment) in runs(names, overrides) {
+        // Each job takes the overrides of the keys it has, and its experiment.
+        let mut config: std::collections::HashMap<String, String> = overrides
             .iter()
             .filter(|(k, _)| {
                 registry
-                    .get(name)
+                    .get(&name)
                     .is_some_and(|j| j.schema().key(k).is_some())
             })
             .cloned()
             .collect();
+        let label = match &experiment {
+            Some(e) => {
+                config.insert(EXPERIMENT_KEY.to_string(), e.clone());
+                format!("{name} {e}")
+            }
+            None => name.clone(),
+        };
         let spec = JobSpec {
             config,
             job: name.clone(),
-            name: format!("reproduce {name} ({})", args.preset),
+            name: format!("reproduce {label} ({})", args.preset),
             preset: args.preset.clone(),
             ranks: args.ranks,
             max_restarts: 2,
@@ -147,8 +154,8 @@ async fn reproduce_on(
             .job
             .context("the coordinator accepted a job but returned no record")?;
         // Keep stdout to the table (or the JSON/YAML) alone.
-        eprintln!("submitted {name}: {}", job.id);
-        submitted.push((name.clone(), job.id));
+        eprintln!("submitted {label}: {}", job.id);
+        submitted.push((label, job.id));
     }
     let multi = MultiProgress::new();
     let mut watches = Vec::new();
@@ -206,6 +213,29 @@ fn style() -> ProgressStyle {
     )
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// The config key that selects a job's experiment (a choice key, when a job has one).
+const EXPERIMENT_KEY: &str = "experiment";
+
+/// What to submit: one run per job, or, for a job with an `experiment` choice key that
+/// `--set` does not pin, one run per experiment (the whole paper).
+fn runs(names: &[String], overrides: &[(String, String)]) -> Vec<(String, Option<String>)> {
+    let registry = trainyard_jobs::registry();
+    let pinned = overrides.iter().any(|(k, _)| k == EXPERIMENT_KEY);
+    let mut out = Vec::new();
+    for name in names {
+        let experiments = registry
+            .get(name)
+            .and_then(|j| j.schema().key(EXPERIMENT_KEY).map(|k| k.kind.clone()));
+        match experiments {
+            Some(trainyard_jobs::ConfigKind::Choice(options)) if !pinned => {
+                out.extend(options.iter().map(|e| (name.clone(), Some(e.to_string()))));
+            }
+            _ => out.push((name.clone(), None)),
+        }
+    }
+    out
 }
 
 /// Follows one job until it ends, feeding its bar; returns its final record.
@@ -448,6 +478,20 @@ mod tests {
             resolved_config_json: r#"{"preset":"quick","values":{"seed":7}}"#.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_job_with_experiments_runs_each_unless_one_is_set() {
+        let names = vec!["neural-ode".to_string()];
+        let all = runs(&names, &[]);
+        let experiments: Vec<&str> = all.iter().filter_map(|(_, e)| e.as_deref()).collect();
+        assert!(
+            experiments.contains(&"mnist") && experiments.contains(&"cnf"),
+            "{all:?}"
+        );
+        assert!(all.iter().all(|(n, _)| n == "neural-ode"));
+        let pinned = runs(&names, &[("experiment".into(), "cnf".into())]);
+        assert_eq!(pinned, vec![("neural-ode".to_string(), None)]);
     }
 
     #[test]
