@@ -577,13 +577,7 @@ fn model_tensors(
     weights: &[f64],
     device: &Device,
 ) -> Result<BTreeMap<String, Tensor>, JobError> {
-    let mut out: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-        .collect();
-    for (n, t) in opt.state_tensors()? {
-        out.insert(format!("optimizer.{n}"), t);
-    }
+    let mut out = crate::train::checkpoint_tensors(vars, opt.state_tensors()?);
     out.insert(
         WEIGHTS_TENSOR.to_string(),
         Tensor::from_vec(weights.to_vec(), weights.len(), device)?,
@@ -596,20 +590,8 @@ fn restore_into(
     opt: &mut Optimizer,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<Option<Vec<f64>>, JobError> {
-    for (n, v) in vars {
-        let t = tensors
-            .get(&format!("model.{n}"))
-            .ok_or_else(|| ckpt_err(format!("checkpoint lacks tensor model.{n}")))?;
-        if t.dims() != v.dims() {
-            return Err(ckpt_err(format!(
-                "tensor model.{n} has shape {:?}, the model needs {:?}",
-                t.dims(),
-                v.dims()
-            )));
-        }
-        v.set(&t.to_dtype(v.dtype())?)?;
-    }
-    let opt_state = crate::train::with_prefix(tensors, "optimizer.");
+    crate::train::restore_vars(vars, tensors)?;
+    let opt_state = crate::train::optimizer_state(tensors);
     opt.load_state(&opt_state).map_err(ckpt_err)?;
     match tensors.get(WEIGHTS_TENSOR) {
         Some(t) => Ok(Some(

@@ -28,7 +28,7 @@ use crate::data::{
     batches, derived_rng, epoch_order, fashion_mnist_12k, mnist_from_dir, ImageDataset,
 };
 use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
-use crate::train::{count_params, named_vars, Adam, DataParallel};
+use crate::train::{checkpoint_tensors, count_params, named_vars, Adam, DataParallel};
 
 const STATE_VERSION: u32 = 1;
 /// Fashion-MNIST class names, by id.
@@ -489,17 +489,6 @@ fn save(
     ctx.save_checkpoint(&cp)
 }
 
-fn model_tensors(vars: &[(String, Var)], opt: &Adam) -> Result<BTreeMap<String, Tensor>, JobError> {
-    let mut out: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-        .collect();
-    for (n, t) in opt.state_tensors()? {
-        out.insert(format!("optimizer.{n}"), t);
-    }
-    Ok(out)
-}
-
 /// `vars` in the order the forward pass uses them (classifier, encoder, prior, decoder),
 /// so [`DataParallel`] fills its gradient buckets from the decoder back.
 fn forward_order(vars: &[(String, Var)]) -> Vec<(String, Var)> {
@@ -600,20 +589,8 @@ fn train_model(
         .collect();
     let mut opt = Adam::new(vars.clone(), s.lr, 0.0);
     if let Some(tensors) = restored {
-        for (n, v) in &vars {
-            let t = tensors
-                .get(&format!("model.{n}"))
-                .ok_or_else(|| ckpt_err(format!("checkpoint lacks tensor model.{n}")))?;
-            if t.dims() != v.dims() {
-                return Err(ckpt_err(format!(
-                    "tensor model.{n} has shape {:?}, the model needs {:?}",
-                    t.dims(),
-                    v.dims()
-                )));
-            }
-            v.set(&t.to_dtype(v.dtype())?)?;
-        }
-        let opt_state = crate::train::with_prefix(&tensors, "optimizer.");
+        crate::train::restore_vars(&vars, &tensors)?;
+        let opt_state = crate::train::optimizer_state(&tensors);
         opt.load_state(&opt_state).map_err(ckpt_err)?;
     }
     let dp_vars = forward_order(&vars);
@@ -678,7 +655,12 @@ fn train_model(
             if dp.any(ctx.should_stop())? {
                 if primary {
                     if state.global_step > last_saved {
-                        save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
+                        save(
+                            ctx,
+                            state,
+                            checkpoint_tensors(&vars, opt.state_tensors()?),
+                            &[],
+                        )?;
                     }
                     ctx.log(&format!(
                         "stopping at step {} on request",
@@ -822,7 +804,7 @@ fn train_model(
                 save(
                     ctx,
                     state,
-                    model_tensors(&vars, &opt)?,
+                    checkpoint_tensors(&vars, opt.state_tensors()?),
                     &[(&format!("{name}/train_loss"), loss_v)],
                 )?;
                 last_saved = state.global_step;

@@ -41,7 +41,9 @@ use crate::data::derived_rng;
 use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
 use crate::ode::{dopri5, Dopri5Options, SolveStats};
 use crate::plot::{Color, Colormap, Figure, Grid};
-use crate::train::{count_params, init_pytorch_style, named_vars, DataParallel, Optimizer};
+use crate::train::{
+    checkpoint_tensors, count_params, init_pytorch_style, named_vars, DataParallel, Optimizer,
+};
 
 const STATE_VERSION: u32 = 1;
 /// Variance of the isotropic Gaussian base density (the official example's 0.1·I).
@@ -521,39 +523,13 @@ fn save(
     ctx.save_checkpoint(&cp)
 }
 
-fn model_tensors(
-    vars: &[(String, Var)],
-    opt: &Optimizer,
-) -> Result<BTreeMap<String, Tensor>, JobError> {
-    let mut out: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-        .collect();
-    for (n, t) in opt.state_tensors()? {
-        out.insert(format!("optimizer.{n}"), t);
-    }
-    Ok(out)
-}
-
 fn restore(
     vars: &[(String, Var)],
     opt: &mut Optimizer,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<(), JobError> {
-    for (n, v) in vars {
-        let t = tensors
-            .get(&format!("model.{n}"))
-            .ok_or_else(|| ckpt_err(format!("checkpoint lacks tensor model.{n}")))?;
-        if t.dims() != v.dims() {
-            return Err(ckpt_err(format!(
-                "tensor model.{n} has shape {:?}, the model needs {:?}",
-                t.dims(),
-                v.dims()
-            )));
-        }
-        v.set(&t.to_dtype(v.dtype())?)?;
-    }
-    let opt_state = crate::train::with_prefix(tensors, "optimizer.");
+    crate::train::restore_vars(vars, tensors)?;
+    let opt_state = crate::train::optimizer_state(tensors);
     opt.load_state(&opt_state).map_err(ckpt_err)
 }
 
@@ -621,7 +597,12 @@ fn train_phase(
         if dp.any(ctx.should_stop())? {
             if primary {
                 if state.global_step > last_saved {
-                    save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
+                    save(
+                        ctx,
+                        state,
+                        checkpoint_tensors(&vars, opt.state_tensors()?),
+                        &[],
+                    )?;
                 }
                 ctx.log(&format!(
                     "stopping at step {} on request",
@@ -678,7 +659,7 @@ fn train_phase(
             save(
                 ctx,
                 state,
-                model_tensors(&vars, &opt)?,
+                checkpoint_tensors(&vars, opt.state_tensors()?),
                 &[(&format!("{tag}/train_loss"), loss_v)],
             )?;
             last_saved = state.global_step;

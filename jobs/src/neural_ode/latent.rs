@@ -605,14 +605,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
                 st.version
             )));
         }
-        for (n, v) in &vars {
-            let t = cp
-                .tensors
-                .get(&format!("model.{n}"))
-                .ok_or_else(|| ckpt_err(format!("checkpoint lacks tensor model.{n}")))?;
-            v.set(&t.to_dtype(v.dtype())?)?;
-        }
-        let opt_state = crate::train::with_prefix(&cp.tensors, "optimizer.");
+        crate::train::restore_vars(&vars, &cp.tensors)?;
+        let opt_state = crate::train::optimizer_state(&cp.tensors);
         opt.load_state(&opt_state).map_err(ckpt_err)?;
         if primary {
             ctx.log(&format!("resumed from checkpoint at step {}", cp.step));
@@ -622,13 +616,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     }
     dp.broadcast_params(&vars)?;
     let save = |state: &State, opt: &Optimizer| -> Result<(), JobError> {
-        let mut tensors: BTreeMap<String, Tensor> = vars
-            .iter()
-            .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-            .collect();
-        for (n, t) in opt.state_tensors()? {
-            tensors.insert(format!("optimizer.{n}"), t);
-        }
+        let tensors = crate::train::checkpoint_tensors(&vars, opt.state_tensors()?);
         ctx.save_checkpoint(&Checkpoint {
             step: state.step,
             tensors,

@@ -38,8 +38,8 @@ use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTa
 use crate::ode::adjoint::{accumulate, adjoint_backward, solve_no_grad};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
-    count_params, evaluate, init_pytorch_style, named_vars, DataParallel, EvalResult, Optimizer,
-    PiecewiseLr,
+    checkpoint_tensors, count_params, evaluate, init_pytorch_style, named_vars, DataParallel,
+    EvalResult, Optimizer, PiecewiseLr,
 };
 
 const STATE_VERSION: u32 = 1;
@@ -375,20 +375,6 @@ fn save(
     Ok(())
 }
 
-fn model_tensors(
-    vars: &[(String, candle_core::Var)],
-    opt: &Optimizer,
-) -> Result<BTreeMap<String, Tensor>, JobError> {
-    let mut out: BTreeMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-        .collect();
-    for (n, t) in opt.state_tensors()? {
-        out.insert(format!("optimizer.{n}"), t);
-    }
-    Ok(out)
-}
-
 /// `vars` in the order the forward pass uses them (stem, body, head; by name within each),
 /// so that [`DataParallel`] fills its gradient buckets from the head back, the order
 /// backward produces the gradients in.
@@ -495,20 +481,8 @@ fn train_model(
     let params = count_params(&varmap);
     let mut opt = Optimizer::by_name(&s.optimizer, vars.clone(), s.lr, s.momentum, s.weight_decay)?;
     if let Some(tensors) = restored {
-        for (n, v) in &vars {
-            let t = tensors
-                .get(&format!("model.{n}"))
-                .ok_or_else(|| ckpt_err(format!("checkpoint lacks tensor model.{n}")))?;
-            if t.dims() != v.dims() {
-                return Err(ckpt_err(format!(
-                    "tensor model.{n} has shape {:?}, the model needs {:?}",
-                    t.dims(),
-                    v.dims()
-                )));
-            }
-            v.set(&t.to_dtype(v.dtype())?)?;
-        }
-        let opt_state = crate::train::with_prefix(&tensors, "optimizer.");
+        crate::train::restore_vars(&vars, &tensors)?;
+        let opt_state = crate::train::optimizer_state(&tensors);
         opt.load_state(&opt_state).map_err(ckpt_err)?;
     }
     // Every rank starts from rank 0's parameters (after a restore too: every rank restored
@@ -573,7 +547,12 @@ fn train_model(
             if dp.any(ctx.should_stop())? {
                 if primary {
                     if state.global_step > last_saved {
-                        save(ctx, state, model_tensors(&vars, &opt)?, &[])?;
+                        save(
+                            ctx,
+                            state,
+                            checkpoint_tensors(&vars, opt.state_tensors()?),
+                            &[],
+                        )?;
                     }
                     ctx.log(&format!(
                         "stopping at step {} on request",
@@ -683,7 +662,7 @@ fn train_model(
                 save(
                     ctx,
                     state,
-                    model_tensors(&vars, &opt)?,
+                    checkpoint_tensors(&vars, opt.state_tensors()?),
                     &[(&format!("{name}/train_loss"), loss_v)],
                 )?;
                 last_saved = state.global_step;

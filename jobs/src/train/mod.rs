@@ -1,6 +1,7 @@
 //! Training utilities shared by all jobs: optimizer and schedule, evaluation,
-//! parameter counting, the gradient check, and data-parallel training.
+//! parameter counting, checkpoint tensors, the gradient check, and data-parallel training.
 
+pub mod checkpoint;
 pub mod eval;
 pub mod gradcheck;
 pub mod init;
@@ -8,6 +9,7 @@ pub mod optim;
 pub mod parallel;
 pub mod params;
 
+pub use checkpoint::{checkpoint_tensors, optimizer_state, restore_vars};
 pub use eval::{evaluate, EvalResult};
 pub use gradcheck::{check_grads, GradCheckError};
 pub use init::init_pytorch_style;

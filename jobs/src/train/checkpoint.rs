@@ -1,0 +1,90 @@
+//! The tensors of a job's checkpoint: the model's variables under `model.<name>` and the
+//! optimizer's state under `optimizer.<name>`, written and read the same way by every job.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Tensor, Var};
+
+use crate::job::JobError;
+
+/// Prefix of a model variable's tensor in a checkpoint.
+pub const MODEL_PREFIX: &str = "model.";
+/// Prefix of an optimizer state tensor in a checkpoint.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// The checkpoint tensors of `vars` and of the optimizer state `optimizer` (as its
+/// `state_tensors()` returns it).
+pub fn checkpoint_tensors(
+    vars: &[(String, Var)],
+    optimizer: BTreeMap<String, Tensor>,
+) -> BTreeMap<String, Tensor> {
+    let mut out: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
+        .collect();
+    for (n, t) in optimizer {
+        out.insert(format!("{OPTIMIZER_PREFIX}{n}"), t);
+    }
+    out
+}
+
+/// Sets every variable of `vars` from its `model.<name>` tensor in `tensors`; a missing
+/// tensor or one of another shape is a [`JobError::Checkpoint`] naming it.
+pub fn restore_vars(
+    vars: &[(String, Var)],
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<(), JobError> {
+    for (n, v) in vars {
+        let key = format!("{MODEL_PREFIX}{n}");
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| JobError::Checkpoint(format!("checkpoint lacks tensor {key}")))?;
+        if t.dims() != v.dims() {
+            return Err(JobError::Checkpoint(format!(
+                "tensor {key} has shape {:?}, the model needs {:?}",
+                t.dims(),
+                v.dims()
+            )));
+        }
+        v.set(&t.to_dtype(v.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// The optimizer state in `tensors`, named as the optimizer's `load_state` expects.
+pub fn optimizer_state(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    crate::train::with_prefix(tensors, OPTIMIZER_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn tensors_round_trip_and_bad_ones_are_named() {
+        let d = Device::Cpu;
+        let w = Var::new(&[1f32, 2.], &d).unwrap();
+        let vars = vec![("w".to_string(), w.clone())];
+        let m = Tensor::new(&[0.5f32, 0.5], &d).unwrap();
+        let all = checkpoint_tensors(&vars, [("m.w".to_string(), m)].into());
+        let keys: Vec<&str> = all.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["model.w", "optimizer.m.w"]);
+        assert_eq!(optimizer_state(&all).len(), 1);
+        // As read back from storage: copies, not the variables' own tensors.
+        let all: BTreeMap<String, Tensor> = all
+            .into_iter()
+            .map(|(k, t)| (k, t.copy().unwrap()))
+            .collect();
+        w.set(&Tensor::new(&[9f32, 9.], &d).unwrap()).unwrap();
+        restore_vars(&vars, &all).unwrap();
+        assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap(), [1., 2.]);
+        let other = vec![("x".to_string(), w.clone())];
+        let err = restore_vars(&other, &all).unwrap_err().to_string();
+        assert!(err.contains("lacks tensor model.x"), "{err}");
+        let short: BTreeMap<String, Tensor> =
+            [("model.w".to_string(), Tensor::new(&[1f32], &d).unwrap())].into();
+        let err = restore_vars(&vars, &short).unwrap_err().to_string();
+        assert!(err.contains("shape"), "{err}");
+    }
+}
