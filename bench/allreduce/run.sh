@@ -10,9 +10,10 @@
 # round its own table), BENCH_VENV (target/bench-venv).
 #
 # PyTorch comes from PyPI into a virtual environment under target/ (ignored by git), made
-# once and reused: first the CPU-only wheel index; where that host is unreachable, PyPI's
-# torch without its dependencies plus its pure-Python ones, if that imports; else PyPI's
-# torch with all its dependencies (the CUDA libraries, several GB, used only to load torch).
+# once and reused, by bench/torch-venv.sh (shared with bench/steps/run.sh): first the
+# CPU-only wheel index; where that host is unreachable, PyPI's torch without its
+# dependencies plus its pure-Python ones, if that imports; else PyPI's torch with all its
+# dependencies (the CUDA libraries, several GB, used only to load torch).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,48 +25,13 @@ export ALLREDUCE_WARMUP=${ALLREDUCE_WARMUP:-3}
 export ALLREDUCE_ITERS=${ALLREDUCE_ITERS:-1:40,16:15,64:8}
 mkdir -p "$OUT"
 
-say() { echo "run.sh: $*" >&2; }
-
-torch_works() {
-    "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
-import torch, torch.distributed as dist
+# shellcheck source=../torch-venv.sh
+TORCH_CHECK="import torch, torch.distributed as dist
 assert dist.is_gloo_available()
-torch.ones(4).add_(1)
-PY
-}
+torch.ones(4).add_(1)"
+source bench/torch-venv.sh
 
-make_venv() {
-    [ -x "$VENV/bin/python" ] && return 0
-    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-        rm -rf "$VENV"
-        say "python3 -m venv failed; installing python3-venv with apt-get"
-        apt-get install -y python3-venv >/dev/null 2>&1 ||
-            { apt-get update >/dev/null && apt-get install -y python3-venv >/dev/null; }
-        python3 -m venv "$VENV"
-    fi
-}
-
-install_torch() {
-    local pip=("$VENV/bin/pip" install --disable-pip-version-check -q)
-    say "installing PyTorch (CPU) from the CPU wheel index"
-    if "${pip[@]}" --timeout 20 --retries 1 torch numpy \
-        --index-url https://download.pytorch.org/whl/cpu 2>/dev/null && torch_works; then
-        return 0
-    fi
-    say "CPU wheel index unreachable; PyPI's torch without its CUDA dependencies"
-    "${pip[@]}" --no-deps torch
-    "${pip[@]}" filelock typing-extensions sympy networkx jinja2 fsspec numpy
-    if torch_works; then
-        return 0
-    fi
-    say "that torch does not load without its CUDA libraries: installing them (several GB, once)"
-    "${pip[@]}" torch
-    torch_works || { say "PyTorch does not import; giving up"; exit 1; }
-}
-
-make_venv
-torch_works || install_torch
-say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') in $VENV"
+ensure_torch
 
 echo "machine: $(nproc) cores, $(awk '{print $1" "$2" "$3}' /proc/loadavg) load average before the run, $(date -u +%Y-%m-%dT%H:%MZ)"
 say "building the Rust benchmark"

@@ -203,6 +203,10 @@ pub struct CoordinatorArgs {
     /// published in the leader election with an etcd store (default: the listen address).
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; recommended port 9460, e.g.
+    /// 0.0.0.0:9460; port 0 picks a free one, printed on stdout). Default: not served.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `trainyard worker`.
@@ -226,6 +230,10 @@ pub struct WorkerArgs {
     /// coordinator; in Kubernetes, the pod IP).
     #[arg(long, value_name = "HOST")]
     pub collective_host: Option<String>,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`; recommended port 9461, e.g.
+    /// 0.0.0.0:9461; port 0 picks a free one, logged). Default: not served.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a job should run with: the fields of a job spec.
@@ -447,6 +455,10 @@ pub struct ClusterArgs {
     /// (default: a redb file in the data dir).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
+    /// Serve Prometheus metrics: the coordinator's on ADDR, worker i's on the port after it
+    /// plus i (every one on a free port, logged, when ADDR's port is 0). Default: not served.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `trainyard local`.

@@ -34,6 +34,8 @@ pub struct LocalCluster {
     pub url: String,
     /// Absolute data directory.
     pub data_dir: PathBuf,
+    /// Address of the coordinator's `/metrics` endpoint, when `--metrics-listen` was given.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// `path` made absolute against the current directory (without requiring it to exist).
@@ -79,6 +81,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The metrics address of local worker `i` when the coordinator's is `coordinator`: the
+/// port after it plus `i`, or port 0 (a free one) when the coordinator's port is 0.
+pub fn worker_metrics_addr(coordinator: Option<SocketAddr>, i: u32) -> Result<Option<SocketAddr>> {
+    let Some(addr) = coordinator else {
+        return Ok(None);
+    };
+    if addr.port() == 0 {
+        return Ok(Some(addr));
+    }
+    let port = u16::try_from(u32::from(addr.port()) + 1 + i).map_err(|_| {
+        bad_input(format!(
+            "--metrics-listen {addr}: no port left for worker {i}"
+        ))
+    })?;
+    Ok(Some(SocketAddr::new(addr.ip(), port)))
+}
+
 impl LocalCluster {
     /// Starts a coordinator on `listen` with its state under `data_dir`, and the workers.
     /// `heartbeat_timeout` overrides the coordinator's default when given.
@@ -101,6 +120,7 @@ impl LocalCluster {
         let data_dir = absolute(data_dir)?;
         let mut config = CoordinatorConfig::with_data_dir(&data_dir);
         config.listen = listen;
+        config.metrics_listen = shape.metrics_listen;
         if let Some(t) = heartbeat_timeout {
             config.heartbeat_timeout = t;
         }
@@ -116,6 +136,7 @@ impl LocalCluster {
             .await
             .with_context(|| format!("starting the coordinator on {listen}"))?;
         let addr = coordinator.local_addr();
+        let metrics_addr = coordinator.metrics_addr();
         let connect_ip = if addr.ip().is_unspecified() {
             std::net::IpAddr::from([127, 0, 0, 1])
         } else {
@@ -138,6 +159,7 @@ impl LocalCluster {
                 work_dir,
                 rank_command: rank_command.clone(),
                 collective_host: connect_ip.to_string(),
+                metrics_listen: worker_metrics_addr(shape.metrics_listen, i)?,
             };
             let mut rx = stop_rx.clone();
             let shutdown = async move {
@@ -152,6 +174,7 @@ impl LocalCluster {
             addr,
             url,
             data_dir,
+            metrics_addr,
         })
     }
 

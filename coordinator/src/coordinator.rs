@@ -141,6 +141,8 @@ pub struct Coordinator {
     pub wake: Notify,
     /// Who leads (see [`crate::leader`]); only the leader schedules and writes.
     pub leadership: watch::Receiver<Leadership>,
+    /// Prometheus metrics (see [`crate::metrics`]).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The object store (checkpoints, durable history), when one is configured.
     pub objects: Option<trainyard_objects::Objects>,
     /// Where the leader sends job logs, metrics and results for the object store.
@@ -168,7 +170,7 @@ pub async fn save(store: &dyn StateStore, entry: &mut JobEntry) -> Result<(), St
         }
         Err(e @ StoreError::Conflict { .. }) => {
             // Someone else wrote the job: take theirs, report ours as lost.
-            tracing::error!(job = %entry.job.id, error = %e, "job changed behind the coordinator's back; reloading");
+            tracing::error!(job_id = %entry.job.id, error = %e, "job changed behind the coordinator's back; reloading");
             if let Ok(Some(job)) = store.get_job(&entry.job.id).await {
                 entry.job = job;
             }
@@ -208,6 +210,7 @@ impl Coordinator {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             leadership: crate::leader::single_node(""),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             objects: None,
             durable: None,
             retention: None,
@@ -458,7 +461,7 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         };
-        tracing::info!(job = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, "job submitted");
+        tracing::info!(job_id = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, "job submitted");
         self.state
             .lock()
             .await
@@ -560,7 +563,7 @@ impl Coordinator {
                 match durable::read_results(objects, id).await {
                     Ok(r) => job.result = r,
                     Err(e) => {
-                        tracing::warn!(job = %id, error = %e, "reading results.json failed")
+                        tracing::warn!(job_id = %id, error = %e, "reading results.json failed")
                     }
                 }
             }
@@ -641,7 +644,7 @@ impl Coordinator {
         save(self.store.as_ref(), entry).await?;
         let job = entry.job.clone();
         cancel_ranks(&st.workers, &before, &reason, None);
-        tracing::info!(job = %id, from = state.short_name(), "job cancelled");
+        tracing::info!(job_id = %id, from = state.short_name(), "job cancelled");
         Ok(job)
     }
 
@@ -673,7 +676,7 @@ impl Coordinator {
                 match durable::read_history(objects, id).await {
                     Ok(stored) => merge_history(history, stored, Some((&history_id, first_kept))),
                     Err(e) => {
-                        tracing::warn!(job = %id, error = %e, "reading the job's history from the object store failed; serving memory only");
+                        tracing::warn!(job_id = %id, error = %e, "reading the job's history from the object store failed; serving memory only");
                         history
                     }
                 }
@@ -728,7 +731,7 @@ impl Coordinator {
                 result = durable::read_results(objects, id)
                     .await
                     .unwrap_or_else(|e| {
-                        tracing::warn!(job = %id, error = %e, "reading results.json failed");
+                        tracing::warn!(job_id = %id, error = %e, "reading results.json failed");
                         None
                     });
             }
@@ -832,7 +835,7 @@ impl Coordinator {
                             je.world_size()
                         );
                         to_save.push(rs.job_id.clone());
-                        tracing::info!(job = %rs.job_id, "all ranks came back after restart; job kept");
+                        tracing::info!(job_id = %rs.job_id, "all ranks came back after restart; job kept");
                     }
                     true
                 }
@@ -870,7 +873,7 @@ impl Coordinator {
         for job_id in to_save {
             if let Some(je) = st.jobs.get_mut(&job_id) {
                 if let Err(e) = save(self.store.as_ref(), je).await {
-                    tracing::error!(job = %job_id, error = %e, "saving adopted placement failed");
+                    tracing::error!(job_id = %job_id, error = %e, "saving adopted placement failed");
                 }
             }
         }
@@ -1039,7 +1042,10 @@ impl Coordinator {
                             }
                             let before = entry.job.clone();
                             let to = entry.requeue_or_fail(&msg)?;
-                            tracing::info!(job = %req.job_id, rank = req.rank, to = to.short_name(), "rank ended badly: {msg}");
+                            if to == JobState::Pending {
+                                self.metrics.restarted("rank_failed");
+                            }
+                            tracing::info!(job_id = %req.job_id, rank = req.rank, to = to.short_name(), "rank ended badly: {msg}");
                             cancel_ranks(workers, &before, &msg, Some((&req.worker_id, req.rank)));
                             need_save = true;
                             wake = true;
@@ -1065,6 +1071,7 @@ impl Coordinator {
                         entry.job.latest_metrics.insert(k.clone(), *v);
                     }
                     entry.job.latest_step = entry.job.latest_step.max(m.step);
+                    entry.steps.observe(at, m.step);
                     entry.dirty = true;
                     match &self.durable {
                         Some(sink) => {
@@ -1103,7 +1110,7 @@ impl Coordinator {
                 }
                 rank_event::Kind::Rendezvous(e) => {
                     if let Err(why) = rendezvous::accept(entry, &e) {
-                        tracing::warn!(job = %req.job_id, rank = req.rank, key = %e.key, "rendezvous entry refused: {why}");
+                        tracing::warn!(job_id = %req.job_id, rank = req.rank, key = %e.key, "rendezvous entry refused: {why}");
                         continue;
                     }
                     rendezvous::fan_out(workers, entry, e);

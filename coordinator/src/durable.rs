@@ -898,7 +898,7 @@ impl Writer {
         }
         if !dropped.is_empty() {
             let records: u64 = dropped.iter().map(|(_, r)| r).sum();
-            tracing::warn!(job = %job_id, records, limit_bytes = max, "the object store keeps failing: dropping the oldest unwritten history of the job");
+            tracing::warn!(job_id = %job_id, records, limit_bytes = max, "the object store keeps failing: dropping the oldest unwritten history of the job");
             for (history, r) in dropped {
                 self.add_progress(job_id, &history, r);
             }
@@ -973,7 +973,7 @@ impl Writer {
                 jb.failures += 1;
                 let delay = backoff(&self.options, jb.failures);
                 jb.retry_at = Some(Instant::now() + delay);
-                tracing::warn!(job = %job_id, error = %e, failures = jb.failures, "writing job history to the object store failed; retrying in {delay:.1?}");
+                tracing::warn!(job_id = %job_id, error = %e, failures = jb.failures, "writing job history to the object store failed; retrying in {delay:.1?}");
             }
         }
         for (history, records) in done {

@@ -8,7 +8,8 @@
 //! - [`scheduler::placement`]: placement as a pure function; [`scheduler`]: the loop;
 //! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters;
 //! - [`retention`]: which checkpoints a job keeps, and the task that deletes the others;
-//! - [`durable`]: job logs, metrics and results in the object store.
+//! - [`durable`]: job logs, metrics and results in the object store;
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), trainyard_coordinator::CoordinatorError> {
@@ -26,6 +27,7 @@ pub mod durable;
 pub mod job_types;
 pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod rendezvous;
 pub mod retention;
 pub mod scheduler;
@@ -79,6 +81,9 @@ pub struct CoordinatorConfig {
     pub finished_history_kept: Duration,
     /// How job logs and metrics are written to the object store.
     pub durable: durable::DurableOptions,
+    /// Where to serve Prometheus metrics (`GET /metrics`, see [`metrics`]); port 0 picks a
+    /// free one ([`CoordinatorHandle::metrics_addr`]). `None` (the default): not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl CoordinatorConfig {
@@ -94,6 +99,7 @@ impl CoordinatorConfig {
             orphan_checkpoint_age: retention::ORPHAN_CHECKPOINT_AGE,
             finished_history_kept: coordinator::FINISHED_HISTORY_KEPT,
             durable: durable::DurableOptions::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -150,6 +156,8 @@ pub struct CoordinatorHandle {
     durable: durable::Sink,
     durable_task: JoinHandle<()>,
     retention_task: JoinHandle<()>,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<std::io::Result<()>>>,
     #[cfg_attr(not(test), allow(dead_code))]
     coord: Arc<Coordinator>,
 }
@@ -158,6 +166,7 @@ impl std::fmt::Debug for CoordinatorHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CoordinatorHandle")
             .field("local_addr", &self.local_addr)
+            .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
 }
@@ -169,6 +178,12 @@ impl CoordinatorHandle {
     /// The address the server listens on (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the `/metrics` endpoint (with the real port when 0 was asked for),
+    /// if [`CoordinatorConfig::metrics_listen`] was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The coordinator behind the server (for in-process tests).
@@ -204,6 +219,13 @@ impl CoordinatorHandle {
         }
         let sched = self.scheduler.await;
         let _ = self.retention_task.await;
+        if let Some(task) = self.metrics_task {
+            match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "metrics endpoint failed"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("metrics endpoint did not stop in time"),
+            }
+        }
         // Job history accepted so far goes to the object store before we stop.
         if !self.durable.flush(SHUTDOWN_GRACE).await {
             tracing::warn!("not all job history reached the object store before shutdown");
@@ -247,6 +269,18 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         store::StoreUrl::Embedded(_) => (store::open(&config.store_url).await?, None),
     };
 
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CoordinatorError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| CoordinatorError::Bind { addr, source })?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| CoordinatorError::Bind {
@@ -330,6 +364,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         .add_service(ClusterServiceServer::new(ClusterApi {
             coord: coord.clone(),
         }));
+    let (metrics_addr, metrics_task) = match metrics_listener {
+        Some((listener, bound)) => {
+            tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics)");
+            let task = tokio::spawn(metrics::serve(listener, coord.clone(), shutdown_rx.clone()));
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let mut stop = shutdown_rx;
     let handle_coord = coord.clone();
     let server = tokio::spawn(async move {
@@ -364,6 +406,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         durable: sink,
         durable_task,
         retention_task,
+        metrics_addr,
+        metrics_task,
         coord: handle_coord,
     })
 }

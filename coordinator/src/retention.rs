@@ -142,7 +142,7 @@ impl RetentionQueue {
     /// Asks for a retention run of `job_id` (never blocks).
     pub fn request(&self, job_id: &str) {
         if self.tx.send(job_id.to_string()).is_err() {
-            tracing::debug!(job = %job_id, "retention task stopped; run not queued");
+            tracing::debug!(job_id = %job_id, "retention task stopped; run not queued");
         }
     }
 }
@@ -183,7 +183,7 @@ pub async fn run(
                         Ok(out) => {
                             due.remove(&job_id);
                             if !out.deleted.is_empty() || !out.orphans_deleted.is_empty() {
-                                tracing::info!(job = %job_id, deleted = ?out.deleted, orphans = ?out.orphans_deleted, "checkpoint retention");
+                                tracing::info!(job_id = %job_id, deleted = ?out.deleted, orphans = ?out.orphans_deleted, "checkpoint retention");
                             }
                         }
                         Err(e) => {
@@ -191,7 +191,7 @@ pub async fn run(
                             let delay = RETRY_MIN
                                 .saturating_mul(1 << (failures - 1).min(10))
                                 .min(RETRY_MAX);
-                            tracing::warn!(job = %job_id, error = %e, failures, "checkpoint retention failed; retrying in {delay:?}");
+                            tracing::warn!(job_id = %job_id, error = %e, failures, "checkpoint retention failed; retrying in {delay:?}");
                             due.insert(job_id, (Instant::now() + delay, failures));
                         }
                     }
@@ -277,7 +277,7 @@ impl Coordinator {
             }
             let dir = format!("jobs/{job_id}/checkpoints/{step}");
             if !record.path.is_empty() && record.path.trim_end_matches('/') != dir {
-                tracing::warn!(job = %job_id, step, path = %record.path, "checkpoint record names an unexpected folder; retention leaves it alone");
+                tracing::warn!(job_id = %job_id, step, path = %record.path, "checkpoint record names an unexpected folder; retention leaves it alone");
                 out.skipped.push(*step);
                 continue;
             }
@@ -293,7 +293,7 @@ impl Coordinator {
                     None => true,
                 };
                 if rewritten {
-                    tracing::debug!(job = %job_id, step, "checkpoint may be rewritten by another attempt; not deleting it now");
+                    tracing::debug!(job_id = %job_id, step, "checkpoint may be rewritten by another attempt; not deleting it now");
                     out.skipped.push(*step);
                     continue;
                 }

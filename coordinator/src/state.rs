@@ -279,14 +279,21 @@ pub struct JobEntry {
     /// NCCL id); kept in memory only: after a leader change the attempt's ranks time out
     /// in their rendezvous and the job restarts from its checkpoint.
     pub rendezvous: BTreeMap<String, Vec<u8>>,
+    /// Steps per second of the current attempt, from its metric points (for
+    /// `trainyard_job_steps_per_second`).
+    pub steps: crate::metrics::StepRate,
+    /// Whether `trainyard_jobs_finished_total` counted this job (set from the start for a
+    /// job that was already terminal when loaded).
+    pub counted_finished: bool,
 }
 
 impl JobEntry {
     /// Tracks a job read from the store (or just created; see [`JobEntry::submitted`]).
     pub fn new(job: Job) -> Self {
+        let terminal = job.state().is_terminal();
         Self {
             history: History::from_job(&job),
-            terminal_since: job.state().is_terminal().then(Instant::now),
+            terminal_since: terminal.then(Instant::now),
             job,
             dirty: false,
             last_flush: Instant::now(),
@@ -296,6 +303,8 @@ impl JobEntry {
             durable_sent: 0,
             durable_finished: false,
             rendezvous: BTreeMap::new(),
+            steps: crate::metrics::StepRate::default(),
+            counted_finished: terminal,
         }
     }
 
@@ -341,6 +350,7 @@ impl JobEntry {
         if state == JobState::Pending || state.is_terminal() {
             self.ranks.clear();
             self.rendezvous.clear();
+            self.steps.reset();
             self.orphaned = false;
             self.adopted.clear();
         }

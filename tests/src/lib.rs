@@ -301,6 +301,11 @@ pub struct ClusterOptions {
     /// Extra environment of every worker process (and so of its ranks), e.g.
     /// `TRAINYARD_TEST_UPLOAD_DELAY_MS`.
     pub worker_env: Vec<(String, String)>,
+    /// Extra arguments of every worker process, e.g. `--log-format json`.
+    pub worker_args: Vec<String>,
+    /// Serve Prometheus metrics: the coordinator and every worker get `--metrics-listen`
+    /// on a free loopback port ([`Cluster::coordinator_metrics`], [`Cluster::worker_metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for ClusterOptions {
@@ -311,6 +316,8 @@ impl Default for ClusterOptions {
             emulate_gpus: 0,
             store: None,
             worker_env: Vec::new(),
+            worker_args: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -330,6 +337,12 @@ pub struct Cluster {
     devices: String,
     emulate_gpus: u32,
     worker_env: Vec<(String, String)>,
+    worker_args: Vec<String>,
+    /// The coordinator's `/metrics` address, with [`ClusterOptions::metrics`].
+    pub coordinator_metrics: Option<SocketAddr>,
+    /// Each worker's `/metrics` address (by worker index), with [`ClusterOptions::metrics`].
+    pub worker_metrics: Vec<Option<SocketAddr>>,
+    metrics: bool,
     /// The coordinator's command line (a restart reuses it: same port, data dir, store).
     coordinator_args: Vec<String>,
     /// How many times the coordinator was restarted (names its log files).
@@ -381,6 +394,12 @@ impl Cluster {
         if let Some(store) = &opts.store {
             args.extend(["--store".to_string(), store.clone()]);
         }
+        let coordinator_metrics = opts
+            .metrics
+            .then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        if let Some(m) = coordinator_metrics {
+            args.extend(["--metrics-listen".to_string(), m.to_string()]);
+        }
         let log_path = dir.path().join("coordinator.log");
         let mut coordinator = Proc::spawn("coordinator", &args, &log_path, true);
         let addr = read_listen_addr(&mut coordinator, Duration::from_secs(60));
@@ -392,6 +411,10 @@ impl Cluster {
             devices: opts.devices.clone(),
             emulate_gpus: opts.emulate_gpus,
             worker_env: opts.worker_env.clone(),
+            worker_args: opts.worker_args.clone(),
+            coordinator_metrics,
+            worker_metrics: Vec::new(),
+            metrics: opts.metrics,
             coordinator_args: args,
             restarts: 0,
             dir,
@@ -464,6 +487,14 @@ impl Cluster {
         if self.emulate_gpus > 0 {
             args.extend(["--emulate-gpus".to_string(), self.emulate_gpus.to_string()]);
         }
+        let metrics = self
+            .metrics
+            .then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        if let Some(m) = metrics {
+            args.extend(["--metrics-listen".to_string(), m.to_string()]);
+        }
+        self.worker_metrics.push(metrics);
+        args.extend(self.worker_args.iter().cloned());
         let log_path = self.dir.path().join(format!("worker-{name}.log"));
         self.workers.push(Proc::spawn_with_env(
             &format!("worker {name}"),
@@ -735,6 +766,68 @@ pub fn pid_alive(pid: u32) -> bool {
     !is_zombie(pid)
 }
 
+/// The answer to one plain HTTP/1.1 request.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Body as text.
+    pub body: String,
+}
+
+/// Sends `method path` to `addr` over plain HTTP/1.1 (`Connection: close`) and reads the
+/// whole answer; `None` when the connection fails (nothing listens yet).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> Option<HttpResponse> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Some(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Decodes a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
 /// Tiny `neural-ode` settings for e2e tests: the job name and `--set` flags that train in
 /// seconds. `train_samples` scales how long it lasts (batches of 16); `checkpoint_every`
 /// is in steps.
@@ -796,6 +889,15 @@ mod tests {
             Duration::from_millis(5),
             || None,
         );
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6;x=1\r\n world\r\n0\r\n\r\n").as_deref(),
+            Some("hello world")
+        );
+        assert_eq!(dechunk("zz\r\n"), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 use trainyard_proto::{
     CancelRank, Device, RankAssignment, RankState, RankStatus, RendezvousEntry, RendezvousUpdate,
 };
@@ -50,6 +51,9 @@ pub struct WorkerConfig {
     /// Host name or IP address the ranks of other workers reach this worker's ranks at
     /// (their TCP ring listeners); see [`crate::collective_host_for`].
     pub collective_host: String,
+    /// Where to serve Prometheus metrics (`GET /metrics`, see [`crate::metrics`]); port 0
+    /// picks a free one (logged). `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Identity of one rank process.
@@ -113,6 +117,8 @@ pub(crate) struct Agent {
     ranks: Mutex<HashMap<RankKey, RankEntry>>,
     finished: Mutex<Finished>,
     shutting_down: AtomicBool,
+    /// What the `/metrics` endpoint shows (kept even when it is not served).
+    pub(crate) metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -148,7 +154,24 @@ pub async fn run_worker(
         ranks: Mutex::new(HashMap::new()),
         finished: Mutex::new(Finished::default()),
         shutting_down: AtomicBool::new(false),
+        metrics: Arc::new(crate::metrics::WorkerMetrics::new()),
     });
+    // The endpoint is bound before anything else, so a busy port fails the start.
+    let metrics_server = match agent.config.metrics_listen {
+        Some(addr) => {
+            let (listener, bound) = crate::metrics::bind(addr)
+                .await
+                .map_err(|source| WorkerError::MetricsBind { addr, source })?;
+            tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics)");
+            let counting = agent.clone();
+            let source = crate::metrics::Source {
+                metrics: agent.metrics.clone(),
+                ranks: Arc::new(move || counting.rank_counts()),
+            };
+            Some(tokio::spawn(crate::metrics::serve(listener, source)))
+        }
+        None => None,
+    };
     tracing::info!(
         coordinator = %agent.config.coordinator_url,
         name = %agent.config.name,
@@ -162,6 +185,9 @@ pub async fn run_worker(
         }
     }
     agent.stop_all().await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     Ok(())
 }
 
@@ -186,6 +212,19 @@ impl Agent {
             return false;
         }
         true
+    }
+
+    /// Rank processes supervised now, by state (for the metrics endpoint).
+    fn rank_counts(&self) -> crate::metrics::RankCounts {
+        let mut counts = crate::metrics::RankCounts::default();
+        for entry in lock(&self.ranks).values() {
+            match RankState::try_from(entry.state.load(Ordering::SeqCst)) {
+                Ok(RankState::Starting) => counts.starting += 1,
+                Ok(RankState::Running) => counts.running += 1,
+                _ => {}
+            }
+        }
+        counts
     }
 
     pub(crate) fn worker_id(&self) -> String {
@@ -222,11 +261,11 @@ impl Agent {
             return;
         }
         if self.shutting_down.load(Ordering::SeqCst) {
-            tracing::info!(rank = %key, "ignoring assignment: worker is shutting down");
+            tracing::info!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, "ignoring assignment: worker is shutting down");
             return;
         }
         if lock(&self.finished).set.contains(&key) {
-            tracing::info!(rank = %key, "ignoring assignment of a rank that already ran");
+            tracing::info!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, "ignoring assignment of a rank that already ran");
             return;
         }
         let (stop_tx, stop_rx) = watch::channel(None);
@@ -235,14 +274,14 @@ impl Agent {
         {
             let mut ranks = lock(&self.ranks);
             if ranks.contains_key(&key) {
-                tracing::info!(rank = %key, "ignoring duplicate assignment of a running rank");
+                tracing::info!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, "ignoring duplicate assignment of a running rank");
                 return;
             }
             let newer = ranks
                 .keys()
                 .any(|k| k.job_id == key.job_id && k.rank == key.rank && k.attempt > key.attempt);
             if newer {
-                tracing::info!(rank = %key, "ignoring stale assignment: a newer attempt is running");
+                tracing::info!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, "ignoring stale assignment: a newer attempt is running");
                 return;
             }
             for (k, entry) in ranks.iter() {
@@ -274,18 +313,30 @@ impl Agent {
             .iter()
             .any(|d| d.index == assignment.device_index)
         {
-            tracing::warn!(rank = %key, device = assignment.device_index, "assignment names a device slot this worker does not have");
+            tracing::warn!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, device = assignment.device_index, "assignment names a device slot this worker does not have");
         }
-        tracing::info!(rank = %key, job = %assignment.job, device = assignment.device_index, "rank assigned");
+        tracing::info!(job_id = %key.job_id, attempt = key.attempt, rank = key.rank, job = %assignment.job, device = assignment.device_index, "rank assigned");
         let agent = self.clone();
-        tokio::spawn(async move {
-            let channels = supervisor::Channels {
-                stop: stop_rx,
-                inbox: inbox_rx,
-            };
-            supervisor::supervise(agent.clone(), key.clone(), assignment, state, channels).await;
-            agent.forget(&key);
-        });
+        // Every log event about this rank carries its job id, attempt and rank (as the
+        // span's fields; `--log-format json` writes them under "span").
+        let span = tracing::info_span!(
+            "rank",
+            job_id = %key.job_id,
+            attempt = key.attempt,
+            rank = key.rank
+        );
+        tokio::spawn(
+            async move {
+                let channels = supervisor::Channels {
+                    stop: stop_rx,
+                    inbox: inbox_rx,
+                };
+                supervisor::supervise(agent.clone(), key.clone(), assignment, state, channels)
+                    .await;
+                agent.forget(&key);
+            }
+            .instrument(span),
+        );
     }
 
     /// Stops the ranks a `CancelRank` names (attempt 0 = any attempt).
@@ -301,7 +352,7 @@ impl Agent {
                 && (cancel.attempt == 0 || k.attempt == cancel.attempt)
             {
                 found = true;
-                tracing::info!(rank = %k, reason = %cancel.reason, "cancelling rank");
+                tracing::info!(job_id = %k.job_id, attempt = k.attempt, rank = k.rank, reason = %cancel.reason, "cancelling rank");
                 let reason = if cancel.reason.is_empty() {
                     "cancelled".to_string()
                 } else {

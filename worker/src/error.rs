@@ -33,6 +33,14 @@ pub enum WorkerError {
     /// A rank assignment could not be encoded or decoded.
     #[error("rank assignment: {0}")]
     Assignment(String),
+    /// The metrics endpoint's address could not be bound.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// Local I/O failed (work directory, process spawn).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

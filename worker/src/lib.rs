@@ -11,6 +11,7 @@
 //! * [`rendezvous`]: how a rank finds its peers and connects its communicator.
 //! * [`uploader`]: the rank's background checkpoint uploader (retries, commit deadline).
 //! * [`agent`]: the worker agent.
+//! * [`metrics`]: the worker's Prometheus metrics and `/metrics` endpoint.
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod devices;
 mod error;
 pub mod host;
+pub mod metrics;
 pub mod objects;
 pub mod protocol;
 pub mod rank;

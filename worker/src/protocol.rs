@@ -157,6 +157,30 @@ pub enum RankMessage {
         #[serde(default)]
         claims: Vec<ClaimMessage>,
     },
+    /// A measurement for the worker's `/metrics` endpoint (see `crate::metrics`); the agent
+    /// adds it up and does not forward it to the coordinator.
+    Telemetry {
+        /// What was measured.
+        what: Measured,
+        /// Seconds the `count` operations took in all.
+        seconds: f64,
+        /// Bytes they moved in all.
+        bytes: u64,
+        /// Operations measured.
+        count: u64,
+    },
+}
+
+/// What a [`RankMessage::Telemetry`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Measured {
+    /// `save_checkpoint`: the time the job was blocked, the checkpoint's bytes.
+    CheckpointSave,
+    /// A checkpoint upload, from queued to committed (retries included).
+    CheckpointUpload,
+    /// All-reduce collectives: time in them, bytes of the buffers reduced.
+    AllReduce,
 }
 
 /// A checked claim in a [`RankMessage::Result`] (see `trainyard_proto::Claim`).
@@ -202,9 +226,10 @@ impl RankMessage {
         format!("{EVENT_PREFIX}{json}")
     }
 
-    /// The protobuf event kind for rank `rank`.
-    pub fn into_event_kind(self, rank: u32) -> rank_event::Kind {
-        match self {
+    /// The protobuf event kind for rank `rank`; `None` for [`RankMessage::Telemetry`],
+    /// which stays on the worker.
+    pub fn into_event_kind(self, rank: u32) -> Option<rank_event::Kind> {
+        Some(match self {
             RankMessage::Log { line } => rank_event::Kind::Log(LogLine {
                 rank,
                 stream: "stdout".into(),
@@ -267,7 +292,8 @@ impl RankMessage {
                 rows: rows.into_iter().map(|cells| ResultRow { cells }).collect(),
                 notes,
             }),
-        }
+            RankMessage::Telemetry { .. } => return None,
+        })
     }
 }
 
@@ -400,10 +426,10 @@ mod tests {
         };
         assert_eq!(
             parsed.into_event_kind(1),
-            rank_event::Kind::Rendezvous(RendezvousEntry {
+            Some(rank_event::Kind::Rendezvous(RendezvousEntry {
                 key: "ring/addr/1".into(),
                 value: b"127.0.0.1:9".to_vec()
-            })
+            }))
         );
     }
 
@@ -537,15 +563,34 @@ mod tests {
         }
         .into_event_kind(2);
         match k {
-            rank_event::Kind::Result(t) => {
+            Some(rank_event::Kind::Result(t)) => {
                 assert_eq!(t.rows[0].cells, vec!["1".to_string()]);
                 assert!(t.claims[0].held && t.claims[0].claim == "c");
             }
             other => panic!("{other:?}"),
         }
         match (RankMessage::Log { line: "x".into() }).into_event_kind(4) {
-            rank_event::Kind::Log(l) => assert_eq!((l.rank, l.stream.as_str()), (4, "stdout")),
+            Some(rank_event::Kind::Log(l)) => {
+                assert_eq!((l.rank, l.stream.as_str()), (4, "stdout"))
+            }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn telemetry_round_trips_and_stays_on_the_worker() {
+        let msg = RankMessage::Telemetry {
+            what: Measured::AllReduce,
+            seconds: 0.25,
+            bytes: 1 << 20,
+            count: 3,
+        };
+        let line = msg.to_line();
+        assert!(
+            line.contains(r#""type":"telemetry","what":"all_reduce""#),
+            "{line}"
+        );
+        assert_eq!(parse_line(&line), ParsedLine::Event(msg.clone()));
+        assert_eq!(msg.into_event_kind(0), None);
     }
 }

@@ -30,8 +30,8 @@ use trainyard_proto::RankAssignment;
 use crate::checkpoint;
 use crate::objects::{open_objects, Objects};
 use crate::protocol::{
-    decode_assignment, ClaimMessage, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV, DEVICE_CPU,
-    DEVICE_CUDA, DEVICE_ENV,
+    decode_assignment, ClaimMessage, Measured, RankMessage, ASSIGNMENT_ENV, DATA_CACHE_ENV,
+    DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV,
 };
 use crate::rendezvous::{self, Mailbox, Rendezvous};
 use crate::uploader::{CheckpointUploader, Committed, UploadError, UploaderOptions};
@@ -414,7 +414,7 @@ fn emit_to(out: &Mutex<Box<dyn Write + Send>>, msgs: impl IntoIterator<Item = Ra
 
 /// The events of a committed checkpoint: a log line, then the checkpoint event the
 /// coordinator records.
-fn committed_events(c: &Committed) -> [RankMessage; 2] {
+fn committed_events(c: &Committed) -> [RankMessage; 3] {
     let m = &c.manifest;
     let line = format!(
         "checkpoint at step {} committed: {:.1} MiB in {:.2} s{}",
@@ -438,7 +438,102 @@ fn committed_events(c: &Committed) -> [RankMessage; 2] {
             attempt: m.attempt,
             metrics: m.metrics.clone(),
         },
+        RankMessage::Telemetry {
+            what: Measured::CheckpointUpload,
+            seconds: c.elapsed.as_secs_f64(),
+            bytes: c.bytes,
+            count: 1,
+        },
     ]
+}
+
+/// How often a [`Metered`] communicator reports its all-reduce totals to the agent.
+const ALL_REDUCE_REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// A communicator that measures its all-reduces (time in the call, bytes of the inputs)
+/// and reports them to the agent as [`Measured::AllReduce`] telemetry, at most every
+/// [`ALL_REDUCE_REPORT_EVERY`] and when dropped. Only for backends whose `all_reduce`
+/// returns once the result is on the host (the TCP ring): a device backend (NCCL) returns
+/// once the work is queued, so timing the call would not measure the transfer.
+struct Metered {
+    inner: Box<dyn trainyard_collective::Collective>,
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
+    seconds: f64,
+    bytes: u64,
+    calls: u64,
+    last_report: Instant,
+}
+
+impl Metered {
+    fn report(&mut self) {
+        if self.calls == 0 {
+            return;
+        }
+        emit_to(
+            &self.out,
+            [RankMessage::Telemetry {
+                what: Measured::AllReduce,
+                seconds: self.seconds,
+                bytes: self.bytes,
+                count: self.calls,
+            }],
+        );
+        self.seconds = 0.0;
+        self.bytes = 0;
+        self.calls = 0;
+        self.last_report = Instant::now();
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+impl trainyard_collective::Collective for Metered {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce(
+        &mut self,
+        tensors: &[candle_core::Tensor],
+        op: trainyard_collective::ReduceOp,
+    ) -> Result<Vec<candle_core::Tensor>, trainyard_collective::CollectiveError> {
+        let started = Instant::now();
+        let out = self.inner.all_reduce(tensors, op)?;
+        self.seconds += started.elapsed().as_secs_f64();
+        self.bytes += tensors
+            .iter()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum::<u64>();
+        self.calls += 1;
+        if self.last_report.elapsed() >= ALL_REDUCE_REPORT_EVERY {
+            self.report();
+        }
+        Ok(out)
+    }
+
+    fn broadcast(
+        &mut self,
+        tensors: &[candle_core::Tensor],
+        root: usize,
+    ) -> Result<Vec<candle_core::Tensor>, trainyard_collective::CollectiveError> {
+        self.inner.broadcast(tensors, root)
+    }
+
+    fn barrier(&mut self) -> Result<(), trainyard_collective::CollectiveError> {
+        self.inner.barrier()
+    }
 }
 
 /// The grace period of `assignment` (the worker's default when it carries none).
@@ -537,6 +632,12 @@ impl JobContext for RankContext {
                 crate::uploader::UploadError::Abandoned => JobError::Stopped,
                 e => JobError::Checkpoint(e.to_string()),
             })?;
+        self.emit(RankMessage::Telemetry {
+            what: Measured::CheckpointSave,
+            seconds: started.elapsed().as_secs_f64(),
+            bytes,
+            count: 1,
+        });
         tracing::debug!(
             step = checkpoint.step,
             bytes,
@@ -715,6 +816,16 @@ impl JobContext for RankContext {
                 started.elapsed().as_secs_f64()
             ));
         }
+        if r.world_size > 1 && comm.backend() != "nccl" {
+            return Ok(Box::new(Metered {
+                inner: comm,
+                out: self.out.clone(),
+                seconds: 0.0,
+                bytes: 0,
+                calls: 0,
+                last_report: Instant::now(),
+            }));
+        }
         Ok(comm)
     }
 }
@@ -741,12 +852,40 @@ mod tests {
     }
 
     impl Capture {
-        fn events(&self) -> Vec<RankMessage> {
+        /// Every event written, telemetry included.
+        fn all_events(&self) -> Vec<RankMessage> {
             let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
             text.lines()
                 .map(|l| match parse_line(l) {
                     ParsedLine::Event(m) => m,
                     ParsedLine::Log(l) => panic!("plain line {l:?}"),
+                })
+                .collect()
+        }
+
+        /// The events for the coordinator (telemetry left out).
+        fn events(&self) -> Vec<RankMessage> {
+            self.all_events()
+                .into_iter()
+                .filter(|m| !matches!(m, RankMessage::Telemetry { .. }))
+                .collect()
+        }
+
+        /// The telemetry written: (what, bytes, count).
+        fn telemetry(&self) -> Vec<(Measured, u64, u64)> {
+            self.all_events()
+                .into_iter()
+                .filter_map(|m| match m {
+                    RankMessage::Telemetry {
+                        what,
+                        bytes,
+                        count,
+                        seconds,
+                    } => {
+                        assert!(seconds.is_finite() && seconds >= 0.0, "{seconds}");
+                        Some((what, bytes, count))
+                    }
+                    _ => None,
                 })
                 .collect()
         }
@@ -887,6 +1026,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ctx.upload_stats().map(|s| s.committed), Some(1));
+        // The worker's metrics hear of the save and of the upload, with the same size.
+        let telemetry = cap.telemetry();
+        let kinds: Vec<Measured> = telemetry.iter().map(|t| t.0).collect();
+        assert_eq!(
+            kinds,
+            vec![Measured::CheckpointSave, Measured::CheckpointUpload],
+            "{telemetry:?}"
+        );
+        assert!(
+            telemetry.iter().all(|t| t.1 > 0 && t.2 == 1),
+            "{telemetry:?}"
+        );
 
         // A restarted attempt restores what the first one saved.
         let mut resumed = assignment(url);

@@ -15,6 +15,7 @@ pub fn config(args: &CoordinatorArgs) -> Result<CoordinatorConfig> {
     let data_dir = absolute(&args.data_dir)?;
     let mut config = CoordinatorConfig::with_data_dir(&data_dir);
     config.listen = args.listen;
+    config.metrics_listen = args.metrics_listen;
     if let Some(s) = &args.store {
         config.store_url = location_url(s)?;
         trainyard_coordinator::store::StoreUrl::parse(&config.store_url)
@@ -60,6 +61,9 @@ pub async fn run(args: CoordinatorArgs) -> Result<i32> {
     let addr = handle.local_addr();
     // The first line of stdout is machine-readable: scripts and tests read the address here.
     println!("trainyard coordinator listening on {addr}");
+    if let Some(metrics) = handle.metrics_addr() {
+        println!("trainyard coordinator metrics on http://{metrics}/metrics");
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, %store, %objects, "coordinator ready");
     shutdown_signal().await;

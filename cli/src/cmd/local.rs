@@ -19,6 +19,16 @@ pub async fn run(args: LocalArgs) -> Result<i32> {
         );
     }
     println!("  workers:  {}", args.cluster.workers);
+    if let Some(m) = cluster.metrics_addr {
+        match m.port() {
+            0 => println!("  metrics:  http://{m}/metrics (workers: free ports, in the log)"),
+            p => println!(
+                "  metrics:  http://{m}/metrics (workers: ports {} to {})",
+                p as u32 + 1,
+                p as u32 + args.cluster.workers
+            ),
+        }
+    }
     println!();
     println!("Submit a job from another terminal:");
     println!("  export TRAINYARD_COORDINATOR={url}");

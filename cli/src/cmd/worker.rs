@@ -52,6 +52,7 @@ pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
         work_dir: absolute(&work_dir)?,
         rank_command: rank_command()?,
         collective_host,
+        metrics_listen: args.metrics_listen,
     };
     tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), collective_host = %config.collective_host, "worker starting");
     run_worker(config, shutdown_signal())

@@ -131,7 +131,12 @@ pub async fn run(coord: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>, m
                     tokio::time::sleep(pace - since).await;
                 }
                 last_pass_started = Instant::now();
-                coord.pass().await.map(|took| last_placement = took)
+                let r = coord.pass().await.map(|took| last_placement = took);
+                coord
+                    .metrics
+                    .pass_duration
+                    .observe(last_pass_started.elapsed().as_secs_f64());
+                r
             } else {
                 coord.housekeep().await
             };
@@ -231,6 +236,8 @@ impl Coordinator {
     /// their history is written (a watch then reads it back from the object store). Without
     /// an object store, entries stay.
     fn tend_history(&self, st: &mut State) {
+        // Before any entry is dropped: count the jobs that ended.
+        crate::metrics::count_finished(&self.metrics, st);
         let Some(sink) = self.durable() else {
             return;
         };
@@ -258,7 +265,7 @@ impl Coordinator {
         for id in evict {
             st.jobs.remove(&id);
             sink.forget(&id);
-            tracing::debug!(job = %id, "finished job's history is in the object store; entry dropped");
+            tracing::debug!(job_id = %id, "finished job's history is in the object store; entry dropped");
         }
     }
 
@@ -332,7 +339,7 @@ impl Coordinator {
             };
             let reason = describe_placement(&a);
             if let Err(e) = entry.transition(JobState::Scheduled, &reason) {
-                tracing::error!(job = %a.job_id, error = %e, "cannot schedule");
+                tracing::error!(job_id = %a.job_id, error = %e, "cannot schedule");
                 continue;
             }
             entry.job.placement = a
@@ -363,9 +370,13 @@ impl Coordinator {
             .collect();
         for (a, reason) in placed {
             match failed.get(&a.job_id) {
-                None => self.push_assignments(st, &a, &reason),
+                None => {
+                    self.metrics.placements.inc();
+                    self.metrics.placed_ranks.inc_by(a.ranks.len() as u64);
+                    self.push_assignments(st, &a, &reason)
+                }
                 Some(e) => {
-                    tracing::error!(job = %a.job_id, error = %e, "storing the placement failed; not starting");
+                    tracing::error!(job_id = %a.job_id, error = %e, "storing the placement failed; not starting");
                     if let Ok(Some(job)) = self.store.get_job(&a.job_id).await {
                         if let Some(entry) = st.jobs.get_mut(&a.job_id) {
                             entry.job = job;
@@ -387,7 +398,7 @@ impl Coordinator {
         for r in &a.ranks {
             entry.ranks.insert(r.rank, RankState::Starting);
         }
-        tracing::info!(job = %job.id, attempt = job.attempt, "{reason}");
+        tracing::info!(job_id = %job.id, attempt = job.attempt, "{reason}");
         for r in &a.ranks {
             let Some(w) = st.workers.get_mut(&r.worker_id) else {
                 continue;
@@ -434,6 +445,7 @@ impl Coordinator {
             let Some(entry) = st.workers.remove(&dead.id) else {
                 continue;
             };
+            self.metrics.workers_lost.inc();
             let mut record = entry.record.clone();
             record.state = WorkerState::Dead as i32;
             record.last_heartbeat_unix_ms = dead.last_heartbeat_unix_ms;
@@ -456,9 +468,14 @@ impl Coordinator {
                 }
                 let before = je.job.clone();
                 match je.requeue_or_fail(&reason) {
-                    Ok(to) => tracing::info!(job = %job_id, to = to.short_name(), "{reason}"),
+                    Ok(to) => {
+                        if to == JobState::Pending {
+                            self.metrics.restarted("worker_lost");
+                        }
+                        tracing::info!(job_id = %job_id, to = to.short_name(), "{reason}")
+                    }
                     Err(e) => {
-                        tracing::error!(job = %job_id, error = %e, "cannot requeue");
+                        tracing::error!(job_id = %job_id, error = %e, "cannot requeue");
                         continue;
                     }
                 }
@@ -490,9 +507,14 @@ impl Coordinator {
             };
             let before = je.job.clone();
             match je.requeue_or_fail(reason) {
-                Ok(to) => tracing::info!(job = %id, to = to.short_name(), "{reason}"),
+                Ok(to) => {
+                    if to == JobState::Pending {
+                        self.metrics.restarted("coordinator_restart");
+                    }
+                    tracing::info!(job_id = %id, to = to.short_name(), "{reason}")
+                }
                 Err(e) => {
-                    tracing::error!(job = %id, error = %e, "cannot requeue");
+                    tracing::error!(job_id = %id, error = %e, "cannot requeue");
                     continue;
                 }
             }

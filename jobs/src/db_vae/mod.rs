@@ -12,6 +12,7 @@
 //! It trains data-parallel on up to [`DbVaeJob::MAX_RANKS`] ranks: `batch_size` is the
 //! batch of each rank.
 
+pub mod bench;
 pub mod data;
 pub mod models;
 pub mod resample;
@@ -128,6 +129,10 @@ mod tests {
             "{:?}",
             table.notes
         );
+        // structured claims for `trainyard reproduce`: recall gain, weight ratio, bias cut
+        assert!(table.claims.len() >= 2, "{:?}", table.claims);
+        assert!(table.claims[0].claim.contains("rare-subgroup recall"));
+        assert!(table.claims[0].treatment.contains("rare recall"));
         // 512 images / batch 32 = 16 steps per epoch, 2 epochs, 2 models
         for m in ["cnn", "dbvae"] {
             let losses = ctx.metric_values(&format!("{m}/train_loss"));

@@ -14,9 +14,9 @@
 //! statistics need synchronising or checkpointing.
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
-use crate::nn::GemmConv2d;
+use crate::nn::{GemmConv2d, GemmConvTranspose2d, GroupNorm};
 
 /// Channels of the encoder's convolutions (the decoder mirrors them).
 pub const CHANNELS: [usize; 4] = [12, 24, 48, 72];
@@ -46,7 +46,7 @@ impl Encoder {
         let mut convs = Vec::new();
         for (i, (ci, co, k, s, p)) in specs.into_iter().enumerate() {
             let conv = GemmConv2d::new(ci, co, k, s, p, true, vb.pp(format!("conv{}", i + 1)))?;
-            let norm = candle_nn::group_norm(GROUPS, co, 1e-5, vb.pp(format!("norm{}", i + 1)))?;
+            let norm = GroupNorm::new(GROUPS, co, 1e-5, vb.pp(format!("norm{}", i + 1)))?;
             convs.push((conv, norm));
         }
         let flat = CHANNELS[3] * FEATURE_SIDE * FEATURE_SIDE;
@@ -72,7 +72,7 @@ impl Encoder {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     fc: Linear,
-    deconvs: Vec<ConvTranspose2d>,
+    deconvs: Vec<GemmConvTranspose2d>,
 }
 
 impl Decoder {
@@ -87,17 +87,13 @@ impl Decoder {
         ];
         let mut deconvs = Vec::new();
         for (i, (ci, co, k)) in specs.into_iter().enumerate() {
-            let cfg = ConvTranspose2dConfig {
-                padding: 1,
-                output_padding: 0,
-                stride: 2,
-                dilation: 1,
-            };
-            deconvs.push(candle_nn::conv_transpose2d(
+            deconvs.push(GemmConvTranspose2d::new(
                 ci,
                 co,
                 k,
-                cfg,
+                2,
+                1,
+                true,
                 vb.pp(format!("deconv{}", i + 1)),
             )?);
         }

@@ -41,7 +41,7 @@ use crate::data::{
     derived_rng, epoch_order, fashion_mnist_12k, make_batch, mnist_10k, mnist_from_dir,
     ImageDataset,
 };
-use crate::job::{device_name, Checkpoint, JobContext, JobError, ResultsTable};
+use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
 use crate::train::{count_params, init_pytorch_style, named_vars, DataParallel, Optimizer};
 
 const STATE_VERSION: u32 = 1;
@@ -999,6 +999,7 @@ fn results_table(
         ));
     }
     let baseline = find("cnn").or_else(|| find("dbvae-uniform"));
+    let mut claims = Vec::new();
     match (baseline, find("dbvae")) {
         (Some(b), Some(d)) => {
             let gain = 100.0 * (d.rare_recall - b.rare_recall);
@@ -1024,6 +1025,52 @@ fn results_table(
                 display_name(&b.model),
                 if held { "HELD" } else { "NOT HELD" }
             ));
+            claims.push(Claim {
+                experiment: String::new(),
+                claim: format!(
+                    "DB-VAE (alpha {}) raises rare-subgroup recall by 10+ points over {} with \
+                     uniform sampling, overall accuracy not worse by more than 1 point",
+                    s.alpha,
+                    display_name(&b.model)
+                ),
+                paper: "bias cut ~60% on PPB (faces); brief's target at this scale: +10 points"
+                    .to_string(),
+                treatment: format!(
+                    "rare recall {}, overall {} ({gain:+.1} / {acc:+.1} points)",
+                    pct(d.rare_recall),
+                    pct(d.overall_acc)
+                ),
+                baseline: format!(
+                    "rare recall {}, overall {}",
+                    pct(b.rare_recall),
+                    pct(b.overall_acc)
+                ),
+                held,
+            });
+            let ratio = inverted_ratio(&d.mean_weight);
+            claims.push(Claim {
+                experiment: String::new(),
+                claim: "the latent space finds the rare attribute without labels: mean \
+                        sampling weight of inverted digits 3x or more that of normal ones"
+                    .to_string(),
+                paper: "qualitative (rare faces up-weighted); brief's target 3x".to_string(),
+                treatment: format!("{ratio:.2}x"),
+                baseline: "1x (uniform)".to_string(),
+                held: ratio >= 3.0,
+            });
+            if b.bias_std > 0.0 {
+                let cut = 1.0 - d.bias_std / b.bias_std;
+                claims.push(Claim {
+                    experiment: String::new(),
+                    claim: "DB-VAE cuts the bias (std of recall across the 4 positive \
+                            subgroups) by 30% or more"
+                        .to_string(),
+                    paper: "about 60% less categorical bias (press figure)".to_string(),
+                    treatment: format!("{:.2} points ({:+.0}%)", 100.0 * d.bias_std, -100.0 * cut),
+                    baseline: format!("{:.2} points", 100.0 * b.bias_std),
+                    held: cut >= 0.3,
+                });
+            }
             if b.rare_recall > 0.95 {
                 notes.push(
                     "the baseline's rare-subgroup recall is above 95%: the brief says to lower \
@@ -1058,7 +1105,7 @@ fn results_table(
         columns,
         rows,
         notes,
-        claims: Vec::new(),
+        claims,
     }
 }
 

@@ -13,6 +13,7 @@
 //! It trains data-parallel on up to [`GmDgmJob::MAX_RANKS`] ranks ([`train`]):
 //! `batch_size` unlabelled plus `batch_size` labelled images per rank and step.
 
+pub mod bench;
 pub mod hungarian;
 pub mod metrics;
 pub mod models;
@@ -142,6 +143,10 @@ mod tests {
             .iter()
             .any(|n| n.contains("paper's claim") && n.contains("HELD")));
         assert!(table.notes.iter().any(|n| n.contains("2.0% labels each")));
+        // structured claims for `trainyard reproduce`
+        assert_eq!(table.claims.len(), 2, "{:?}", table.claims);
+        assert!(table.claims[0].treatment.starts_with("GM-DGM "));
+        assert!(table.claims[0].baseline.starts_with("M2 "));
         for model in ["m2", "gmdgm"] {
             let losses = ctx.metric_values(&format!("{model}/train_loss"));
             let steps = losses.len();
@@ -168,15 +173,26 @@ mod tests {
         assert_eq!(v["results"][1]["confusion"].as_array().unwrap().len(), 15);
     }
 
-    /// The `quick` preset end to end, printing its log and table:
-    /// `cargo nextest run -p trainyard-jobs quick_preset --run-ignored all --no-capture`.
+    /// The `quick` preset end to end, printing its log and table (use a release build):
+    /// `cargo nextest run --release -p trainyard-jobs -E 'test(=gm_dgm::tests::quick_preset)'
+    /// --run-ignored only --no-capture`. The environment variable `GMDGM_SET="k=v,k=v"`
+    /// overrides config keys, e.g. `GMDGM_SET="models=gmdgm,seed=1"`.
     #[test]
     #[ignore = "minutes of CPU: the quick preset"]
     fn quick_preset() {
         let ctx = MemoryContext::new().echo_logs(true);
-        let config = GmDgmJob::new()
-            .resolve_config("quick", &BTreeMap::new())
-            .unwrap();
+        let overrides: BTreeMap<String, String> = std::env::var("GMDGM_SET")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|kv| !kv.trim().is_empty())
+            .map(|kv| {
+                let (k, v) = kv
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("GMDGM_SET: \"{kv}\" is not key=value"));
+                (k.trim().to_string(), v.trim().to_string())
+            })
+            .collect();
+        let config = GmDgmJob::new().resolve_config("quick", &overrides).unwrap();
         GmDgmJob::new().run(&config, &ctx).unwrap();
         let table = ctx.results_table().unwrap();
         eprintln!("{}", table.columns.join(" | "));

@@ -66,7 +66,7 @@ pub fn schema() -> ConfigSchema {
             300,
             "epochs per model (an epoch is one pass over the unlabelled set)",
         )
-        .preset("quick", 6),
+        .preset("quick", 20),
         ConfigKey::int(
             "batch_size",
             1,
@@ -172,7 +172,7 @@ pub fn schema() -> ConfigSchema {
             (
                 "quick",
                 "small CPU run on the embedded Fashion-MNIST-12k: MLPs of 256, n_z 32, lr 1e-3, \
-                 5% labels on classes 5-9, 6 epochs",
+                 5% labels on classes 5-9, 20 epochs",
             ),
             (
                 "paper",

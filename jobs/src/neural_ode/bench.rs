@@ -6,6 +6,9 @@
 //! With the same config, seed and batch, the loss before the first update is the same on
 //! every device up to rounding: a cheap cross-device correctness check.
 //!
+//! [`MnistStep`], [`CnfStep`] and [`LatentStep`] take single training steps of every model
+//! of the three experiments on the CPU, for the `steps` bench (ours against PyTorch).
+//!
 //! [`data_parallel_throughput`] measures data-parallel scaling instead: the whole job,
 //! trained by `n` ranks that are threads of this process joined by a TCP ring over
 //! loopback (`cargo bench -p trainyard-jobs --bench scaling` prints the table).
@@ -13,14 +16,20 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use rand::RngCore;
+use rand_distr::{Distribution, Normal};
 
+use super::cnf::{Cnf, PlanarFlow};
+use super::latent::{self, observed_subsets, spirals, LatentOde, RnnBaseline, Spirals, N_OBS};
 use super::mnist::{build_model, Settings};
+use super::toy2d::{to_tensor, Density};
 use crate::config::ResolvedConfig;
 use crate::data::{batches, derived_rng, epoch_order, make_batch, mnist_10k};
 use crate::job::{device_name, Job, JobError};
 use crate::neural_ode::NeuralOdeJob;
+use crate::ode::Dopri5Options;
 use crate::testing::{loopback_rings, MemoryContext};
 use crate::train::{count_params, init_pytorch_style, named_vars, Optimizer};
 
@@ -47,6 +56,81 @@ pub struct StepTiming {
     pub nfe_forward: Option<usize>,
 }
 
+/// One model of the `mnist` experiment set up to take training steps: the job's model,
+/// initialisation, optimizer and data, cycling through the shuffled batches of the first
+/// epoch. Each [`MnistStep::step`] is a full step (batch, forward, loss, backward,
+/// optimizer update, loss read back to the host).
+pub struct MnistStep {
+    net: super::mnist::Model,
+    opt: Optimizer,
+    train: crate::data::ImageDataset,
+    batches: Vec<Vec<usize>>,
+    next: usize,
+    device: Device,
+    params: usize,
+}
+
+impl MnistStep {
+    /// `model` (`resnet` or `odenet`) of the experiment `config` describes (width, groups,
+    /// solver, optimizer, lr, seed), stepping on batches of `batch` images on `device`.
+    pub fn new(
+        config: &ResolvedConfig,
+        model: &str,
+        batch: usize,
+        device: &Device,
+    ) -> Result<Self, JobError> {
+        let s = Settings::from_config(config)?;
+        if batch == 0 {
+            return Err(JobError::Other("batch must be at least 1".to_string()));
+        }
+        let (train, _) = mnist_10k().map_err(|e| JobError::Data(e.to_string()))?;
+        let (net, varmap) = build_model(model, &s, device)?;
+        init_pytorch_style(&varmap, derived_rng(s.seed, 3, 0, 0).next_u64())?;
+        let vars = named_vars(&varmap);
+        let params = count_params(&varmap);
+        let opt = Optimizer::by_name(&s.optimizer, vars, s.lr, s.momentum, s.weight_decay)?;
+        let order = epoch_order(train.len(), s.seed, 0);
+        let batches = batches(&order, batch, true);
+        if batches.is_empty() || batch > train.len() {
+            return Err(JobError::Other(format!(
+                "batch {batch} is larger than the {} training images",
+                train.len()
+            )));
+        }
+        Ok(Self {
+            net,
+            opt,
+            train,
+            batches,
+            next: 0,
+            device: device.clone(),
+            params,
+        })
+    }
+
+    /// Trainable parameters.
+    pub fn params(&self) -> usize {
+        self.params
+    }
+
+    /// One training step; returns its loss (before the update).
+    pub fn step(&mut self) -> Result<f64, JobError> {
+        let idx = &self.batches[self.next % self.batches.len()];
+        self.next += 1;
+        let (x, y) = make_batch(&self.train, idx, None, &self.device)?;
+        let logits = self.net.forward(&x)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let grads = loss.backward()?;
+        self.opt.step(&grads)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+
+    /// Forward NFE of the last step (ODE-Net only).
+    pub fn nfe_forward(&self) -> Option<usize> {
+        self.net.stats().map(|st| st.nfe_forward)
+    }
+}
+
 /// Trains `model` (`resnet` or `odenet`) of the experiment `config` describes (width,
 /// groups, solver, optimizer, lr, seed) for `warmup + steps` steps of `batch` images on
 /// `device`, and times the last `steps`.
@@ -58,26 +142,12 @@ pub fn time_training_steps(
     steps: usize,
     device: &Device,
 ) -> Result<StepTiming, JobError> {
-    let s = Settings::from_config(config)?;
     if batch == 0 || steps == 0 {
         return Err(JobError::Other(
             "batch and steps must be at least 1".to_string(),
         ));
     }
-    let (train, _) = mnist_10k().map_err(|e| JobError::Data(e.to_string()))?;
-    let (net, varmap) = build_model(model, &s, device)?;
-    init_pytorch_style(&varmap, derived_rng(s.seed, 3, 0, 0).next_u64())?;
-    let vars = named_vars(&varmap);
-    let params = count_params(&varmap);
-    let mut opt = Optimizer::by_name(&s.optimizer, vars, s.lr, s.momentum, s.weight_decay)?;
-    let order = epoch_order(train.len(), s.seed, 0);
-    let all = batches(&order, batch, true);
-    if all.is_empty() || batch > train.len() {
-        return Err(JobError::Other(format!(
-            "batch {batch} is larger than the {} training images",
-            train.len()
-        )));
-    }
+    let mut run = MnistStep::new(config, model, batch, device)?;
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let mut started = Instant::now();
@@ -86,12 +156,7 @@ pub fn time_training_steps(
             device.synchronize()?;
             started = Instant::now();
         }
-        let (x, y) = make_batch(&train, &all[i % all.len()], None, device)?;
-        let logits = net.forward(&x)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let grads = loss.backward()?;
-        opt.step(&grads)?;
-        last_loss = loss.to_scalar::<f32>()? as f64;
+        last_loss = run.step()?;
         if i == 0 {
             first_loss = last_loss;
         }
@@ -108,13 +173,195 @@ pub fn time_training_steps(
         model: model.to_string(),
         batch,
         device: device_name(device),
-        params,
+        params: run.params(),
         steps,
         mean_step_s: elapsed / steps as f64,
         first_loss,
         last_loss,
-        nfe_forward: net.stats().map(|st| st.nfe_forward),
+        nfe_forward: run.nfe_forward(),
     })
+}
+
+/// The `cnf` experiment's models set up to take training steps on the CPU: the CNF
+/// (`cnf`: time hypernetwork, exact trace, dopri5 from `cnf_t1` to 0 at `cnf_tol`) or the
+/// planar flow (`planar`), with the job's sizes, initialisation and Adam, each step on
+/// `cnf_batch_size` fresh samples of the eight Gaussians. A step: sample, forward
+/// (`-mean log p(x)`), backward, Adam update, loss read back.
+pub struct CnfStep {
+    model: CnfModel,
+    opt: Optimizer,
+    batch: usize,
+    seed: u64,
+    next: u64,
+}
+
+enum CnfModel {
+    Cnf(Box<Cnf>),
+    Planar(PlanarFlow),
+}
+
+impl CnfStep {
+    /// `model` (`cnf` or `planar`) of the `cnf` experiment `config` describes.
+    pub fn new(config: &ResolvedConfig, model: &str) -> Result<Self, JobError> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = match model {
+            "cnf" => {
+                let tol = config.get_f64("cnf_tol")?;
+                CnfModel::Cnf(Box::new(Cnf::new(
+                    config.get_usize("cnf_width")?,
+                    config.get_usize("cnf_hidden")?,
+                    config.get_f64("cnf_t1")?,
+                    Dopri5Options::new(tol, tol),
+                    vb.pp("cnf"),
+                )?))
+            }
+            "planar" => CnfModel::Planar(PlanarFlow::new(
+                config.get_usize("cnf_planar_layers")?,
+                vb.pp("planar"),
+            )?),
+            other => return Err(JobError::Other(format!("unknown cnf model {other}"))),
+        };
+        let seed = config.get_u64("seed")?;
+        init_pytorch_style(&varmap, derived_rng(seed, 3, 0, 0).next_u64())?;
+        let opt = Optimizer::by_name(
+            "adam",
+            named_vars(&varmap),
+            config.get_f64("cnf_lr")?,
+            0.0,
+            0.0,
+        )?;
+        Ok(Self {
+            model,
+            opt,
+            batch: config.get_usize("cnf_batch_size")?,
+            seed,
+            next: 0,
+        })
+    }
+
+    /// Samples per step.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// One training step; returns its loss (before the update).
+    pub fn step(&mut self) -> Result<f64, JobError> {
+        let mut rng = derived_rng(self.seed, 0x5ca1, self.next, 0);
+        self.next += 1;
+        let x = to_tensor(
+            &Density::Gaussians.sample(self.batch, &mut rng),
+            &Device::Cpu,
+        )?;
+        let log_p = match &self.model {
+            CnfModel::Cnf(m) => m.log_prob(&x)?,
+            CnfModel::Planar(m) => m.log_prob(&x)?,
+        };
+        let loss = log_p.mean_all()?.neg()?;
+        let grads = loss.backward()?;
+        self.opt.step(&grads)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+
+    /// Forward NFE of the last step (CNF only).
+    pub fn nfe_forward(&self) -> Option<usize> {
+        match &self.model {
+            CnfModel::Cnf(m) => Some(m.last_stats().nfe_forward),
+            CnfModel::Planar(_) => None,
+        }
+    }
+}
+
+/// The `latent-ode` experiment's models set up to take training steps on the CPU: the
+/// latent ODE (`latent_ode`: negative ELBO, RK4 one step per interval of the 150-point
+/// grid) or the RNN baseline (`rnn`: teacher-forced MSE), with the job's sizes,
+/// initialisation and Adam, full batch of the `latent_train` training spirals; the
+/// observation count cycles through 30, 50 and 100 from step to step as in the job. A step:
+/// batch, forward, backward, Adam update, loss read back.
+pub struct LatentStep {
+    ode: Option<LatentOde>,
+    rnn: Option<RnnBaseline>,
+    opt: Optimizer,
+    data: Spirals,
+    subsets: Vec<Vec<Vec<usize>>>,
+    noise: f64,
+    seed: u64,
+    next: u64,
+}
+
+impl LatentStep {
+    /// `model` (`latent_ode` or `rnn`) of the `latent-ode` experiment `config` describes.
+    pub fn new(config: &ResolvedConfig, model: &str) -> Result<Self, JobError> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let (ode, rnn) = match model {
+            "latent_ode" => (Some(LatentOde::new(4, 25, 20, vb.pp("latent"))?), None),
+            "rnn" => (None, Some(RnnBaseline::new(25, vb.pp("rnn"))?)),
+            other => return Err(JobError::Other(format!("unknown latent-ode model {other}"))),
+        };
+        let seed = config.get_u64("seed")?;
+        init_pytorch_style(&varmap, derived_rng(seed, 70, 0, 0).next_u64())?;
+        let opt = Optimizer::by_name(
+            "adam",
+            named_vars(&varmap),
+            config.get_f64("latent_lr")?,
+            0.0,
+            0.0,
+        )?;
+        let noise = config.get_f64("latent_noise")?;
+        let data = spirals(config.get_usize("latent_train")?, noise, seed, 0);
+        let subsets = N_OBS
+            .iter()
+            .map(|&k| observed_subsets(data.n, k, seed, 0))
+            .collect();
+        Ok(Self {
+            ode,
+            rnn,
+            opt,
+            data,
+            subsets,
+            noise,
+            seed,
+            next: 0,
+        })
+    }
+
+    /// Spirals per step.
+    pub fn batch(&self) -> usize {
+        self.data.n
+    }
+
+    /// One training step; returns its loss (before the update).
+    pub fn step(&mut self) -> Result<f64, JobError> {
+        let dev = Device::Cpu;
+        let which = (self.next % N_OBS.len() as u64) as usize;
+        let rows: Vec<usize> = (0..self.data.n).collect();
+        let b = latent::make_batch(&self.data, &rows, N_OBS[which], &self.subsets[which], &dev)?;
+        let loss = if let Some(ode) = &self.ode {
+            let mut rng = derived_rng(self.seed, 80, self.next, 0);
+            let normal = Normal::new(0.0f32, 1.0).map_err(|e| JobError::Other(e.to_string()))?;
+            let eps: Vec<f32> = (0..rows.len() * 4)
+                .map(|_| normal.sample(&mut rng))
+                .collect();
+            let eps = Tensor::from_vec(eps, (rows.len(), 4), &dev)?;
+            ode.neg_elbo(
+                &b.xs,
+                &b.targets,
+                &b.mask,
+                &self.data.ts,
+                &eps,
+                self.noise.max(1e-3),
+            )?
+        } else if let Some(rnn) = &self.rnn {
+            rnn.loss(&b.targets, &b.observed, &self.data.ts)?
+        } else {
+            return Err(JobError::Other("no model".to_string()));
+        };
+        self.next += 1;
+        let grads = loss.backward()?;
+        self.opt.step(&grads)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
 }
 
 /// What [`data_parallel_throughput`] measured (rank 0's figures, averaged over the ranks).
@@ -291,6 +538,36 @@ mod tests {
         assert!(two.comm_share > 0.0 && two.comm_share < 1.0, "{two:?}");
         assert!(data_parallel_throughput("resnet", 0, 8, 2, &o).is_err());
         assert!(scaling_config("resnet", 2, 8, 0, &o).is_err());
+    }
+
+    #[test]
+    fn cnf_and_latent_models_take_finite_steps() {
+        let o: BTreeMap<String, String> = [
+            ("cnf_width", "4"),
+            ("cnf_hidden", "4"),
+            ("cnf_planar_layers", "3"),
+            ("cnf_batch_size", "16"),
+            ("latent_train", "6"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = NeuralOdeJob::new().resolve_config("quick", &o).unwrap();
+        for model in ["cnf", "planar"] {
+            let mut s = CnfStep::new(&c, model).unwrap();
+            assert_eq!(s.batch(), 16);
+            assert!(s.step().unwrap().is_finite() && s.step().unwrap().is_finite());
+            assert_eq!(s.nfe_forward().is_some(), model == "cnf");
+        }
+        for model in ["latent_ode", "rnn"] {
+            let mut s = LatentStep::new(&c, model).unwrap();
+            assert_eq!(s.batch(), 6);
+            for _ in 0..3 {
+                assert!(s.step().unwrap().is_finite());
+            }
+        }
+        assert!(CnfStep::new(&c, "realnvp").is_err());
+        assert!(LatentStep::new(&c, "gru").is_err());
     }
 
     #[test]

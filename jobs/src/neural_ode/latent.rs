@@ -386,18 +386,18 @@ impl Settings {
 }
 
 /// Tensors of a set of spirals (rows `rows`) observed at `n_obs` random points.
-struct Batch {
+pub(super) struct Batch {
     /// Encoder inputs in time order, `[n, 3]` each: (x, y, t) of the k-th observation.
-    xs: Vec<Tensor>,
+    pub(super) xs: Vec<Tensor>,
     /// Observations on the grid `[n, 150, 2]`, zero where unobserved.
-    targets: Tensor,
+    pub(super) targets: Tensor,
     /// 1 where observed, `[n, 150, 1]`.
-    mask: Tensor,
-    observed: Vec<Vec<bool>>,
+    pub(super) mask: Tensor,
+    pub(super) observed: Vec<Vec<bool>>,
     truth: Tensor,
 }
 
-fn make_batch(
+pub(super) fn make_batch(
     data: &Spirals,
     rows: &[usize],
     n_obs: usize,

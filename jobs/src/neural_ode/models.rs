@@ -8,18 +8,19 @@
 use std::cell::Cell;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
-use crate::nn::GemmConv2d;
+use crate::nn::{GemmConv2d, GroupNorm};
 
 use crate::ode::{OdeSolution, SolveStats, Solver};
 
 /// Number of classes.
 pub const CLASSES: usize = 10;
 
-/// GroupNorm over `c` channels with `min(groups, c)` groups (the paper: 32).
+/// GroupNorm over `c` channels with `min(groups, c)` groups (the paper: 32); the fused
+/// [`crate::nn::GroupNorm`], same parameters as `candle_nn::group_norm`.
 pub fn norm(c: usize, groups: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups.clamp(1, c), c, 1e-5, vb)
+    GroupNorm::new(groups.clamp(1, c), c, 1e-5, vb)
 }
 
 fn conv(

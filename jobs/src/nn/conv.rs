@@ -1,45 +1,81 @@
-//! A 2-D convolution computed as im2col + one GEMM, for speed on CPU.
+//! A 2-D convolution computed as im2col + GEMMs, for speed on CPU.
 //!
-//! candle's CPU `conv2d` backward goes through a naive `conv_transpose2d`, which is
-//! several times slower than the forward pass. Here the convolution is an
-//! [`Im2Col`] custom op (whose backward is the matching col2im) followed by a plain
-//! `matmul`, so both gradients are GEMMs. Off the CPU, candle's own `conv2d` is used.
-//! Parameter names and shapes match `candle_nn::conv2d` (`weight` `[out, in, k, k]`,
-//! `bias` `[out]`).
+//! candle's CPU `conv2d` backward goes through a naive `conv_transpose2d`, several times
+//! slower than the forward pass. Here the whole layer (input, weight, bias) is one fused
+//! custom op, [`Conv2dOp`], computed over chunks of images whose patch matrix fits in cache
+//! (about 256 KiB). With `P = OH·OW`, `K = C·k·k` and `n = P·(images in the chunk)`:
+//!
+//! * forward: the chunk's patches `cols` `[K, n]` (im2col), one GEMM `Y = W [Co, K] · cols`,
+//!   and `Y` `[Co, n]` written out as `[b, Co, OH, OW]` with the bias added on the way;
+//! * backward ([`Conv2dBackward`]): the chunk's `dY` gathered into `[Co, n]` (its row sums
+//!   are the bias gradient), `dW += dY · colsᵀ` (the patches recomputed rather than kept
+//!   alive between the passes), `dcols = Wᵀ · dY`, and col2im sums `dcols` back into the
+//!   chunk's input gradient.
+//!
+//! The GEMMs are the `gemm` crate's (what candle's CPU matmul calls). With several threads
+//! (`RAYON_NUM_THREADS`, as candle) the chunks run in parallel on rayon's pool when there
+//! are enough of them, else one by one with multi-threaded GEMMs. The patch buffers come
+//! from a small per-thread pool ([`scratch`]), which spares the page faults of fresh
+//! multi-megabyte allocations. The gradients have no graph of their own (no second
+//! derivatives). Off the CPU, candle's own `conv2d` is used. Parameter names and shapes
+//! match `candle_nn::conv2d` (`weight` `[out, in, k, k]`, `bias` `[out]`).
+
+use std::cell::RefCell;
+use std::ops::{Add, AddAssign};
+use std::thread::LocalKey;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-/// Geometry of an im2col transform.
+/// Geometry of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(super) struct Geometry {
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) c_out: usize,
 }
 
 impl Geometry {
-    fn out_h(&self) -> usize {
+    pub(super) fn out_h(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn out_w(&self) -> usize {
+    pub(super) fn out_w(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn cols(&self) -> usize {
+    /// `K = C·k·k`, the rows of the patch matrix.
+    pub(super) fn cols(&self) -> usize {
         self.c * self.k * self.k
     }
-    fn rows_per_image(&self) -> usize {
+    /// `P = OH·OW`, the output pixels of an image.
+    pub(super) fn pixels(&self) -> usize {
         self.out_h() * self.out_w()
+    }
+    pub(super) fn input_len(&self) -> usize {
+        self.b * self.c * self.h * self.w
+    }
+    /// The outputs `o` (of `len`) whose input `o·stride + offset − pad` lies in `[0, size)`.
+    fn valid(&self, len: usize, offset: usize, size: usize) -> std::ops::Range<usize> {
+        let s = self.stride;
+        // o·s + offset ≥ pad  ⇔  o ≥ ceil((pad − offset) / s)
+        let lo = self.pad.saturating_sub(offset).div_ceil(s);
+        // o·s + offset − pad < size  ⇔  o < ceil((size + pad − offset) / s)
+        let hi = (size + self.pad)
+            .saturating_sub(offset)
+            .div_ceil(s)
+            .min(len);
+        lo.min(hi)..hi
     }
 }
 
-/// Threads of the im2col/col2im loops: `RAYON_NUM_THREADS` when set (the variable candle's
-/// CPU GEMM and rayon follow, so one setting bounds a rank's threads), else every CPU.
+/// Threads of the im2col/col2im loops and the GEMMs: `RAYON_NUM_THREADS` when set (the
+/// variable candle's CPU GEMM and rayon follow, so one setting bounds a rank's threads),
+/// else every CPU.
 fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -52,157 +88,559 @@ fn threads() -> usize {
         })
 }
 
-/// Runs `f(image_index, chunk)` over per-image chunks of `out` on a few threads (on this
-/// one when only one is wanted).
-fn per_image<T: Send>(out: &mut [T], per: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let n = threads().min(out.len() / per.max(1)).max(1);
-    if n == 1 {
-        for (i, img) in out.chunks_mut(per.max(1)).enumerate() {
-            f(i, img);
+/// The patch matrix of a chunk of images is kept near this many elements (about 256 KiB
+/// of f32, so that it is still in cache when the GEMM reads it back).
+const CHUNK_ELEMS: usize = 1 << 16;
+
+/// What the kernels need of an element type (f32, f64), with its scratch-buffer pool.
+pub(super) trait Elem:
+    Copy + Default + Send + Sync + Add<Output = Self> + AddAssign + 'static
+{
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+}
+
+thread_local! {
+    static POOL_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static POOL_F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Elem for f32 {
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &POOL_F32
+    }
+}
+
+impl Elem for f64 {
+    fn pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &POOL_F64
+    }
+}
+
+/// Scratch buffers kept per thread between calls: the patch matrices are megabytes, and a
+/// fresh allocation of that size costs page faults (the kernel zeroing new pages) every
+/// time. At most this many are kept.
+const POOL_KEEP: usize = 4;
+
+/// A zeroed scratch vector of `len` from this thread's pool (or a new one).
+fn scratch<T: Elem>(len: usize) -> Vec<T> {
+    let mut v = T::pool()
+        .with(|p| {
+            let mut p = p.borrow_mut();
+            // the smallest buffer that fits, else the largest (it grows)
+            let fit = (0..p.len())
+                .filter(|&i| p[i].capacity() >= len)
+                .min_by_key(|&i| p[i].capacity())
+                .or_else(|| (0..p.len()).max_by_key(|&i| p[i].capacity()));
+            fit.map(|i| p.swap_remove(i))
+        })
+        .unwrap_or_default();
+    v.clear();
+    v.resize(len, T::default());
+    v
+}
+
+/// Returns a scratch vector to this thread's pool.
+fn recycle<T: Elem>(v: Vec<T>) {
+    T::pool().with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_KEEP {
+            p.push(v);
+        }
+    });
+}
+
+/// The patch matrix `[K, nb·P]` of images `b0..b0 + nb` of `x` `[B, C, H, W]` into `out`
+/// (zeroed): row `(c, ky, kx)`, column `(b − b0, oy, ox)`.
+fn im2col<T: Elem>(x: &[T], g: Geometry, b0: usize, nb: usize, out: &mut [T]) {
+    let (oh, ow, p) = (g.out_h(), g.out_w(), g.pixels());
+    let n = nb * p;
+    let kk = g.k * g.k;
+    let plane = g.h * g.w;
+    // A "same" convolution (stride 1, output as large as the input): each patch row of an
+    // image is the input plane shifted by a constant, so one copy per plane, then the
+    // columns that fall into the padding are cleared.
+    let same = g.stride == 1 && oh == g.h && ow == g.w;
+    for (row, dst) in out.chunks_mut(n).enumerate() {
+        let (c, ky, kx) = (row / kk, (row % kk) / g.k, row % g.k);
+        let oys = g.valid(oh, ky, g.h);
+        let oxs = g.valid(ow, kx, g.w);
+        if oxs.is_empty() || oys.is_empty() {
+            continue; // the row stays zero
+        }
+        for i in 0..nb {
+            let src = &x[((b0 + i) * g.c + c) * plane..][..plane];
+            let d = &mut dst[i * p..][..p];
+            if same {
+                let shift = (ky * g.w + kx) as isize - (g.pad * g.w + g.pad) as isize;
+                let lo = (-shift).max(0) as usize;
+                let hi = (plane as isize - shift).min(plane as isize) as usize;
+                let s0 = (lo as isize + shift) as usize;
+                d[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                if oxs.start > 0 || oxs.end < ow {
+                    for oy in 0..oh {
+                        for v in &mut d[oy * ow..oy * ow + oxs.start] {
+                            *v = T::default();
+                        }
+                        for v in &mut d[oy * ow + oxs.end..(oy + 1) * ow] {
+                            *v = T::default();
+                        }
+                    }
+                }
+                continue;
+            }
+            for oy in oys.clone() {
+                let iy = oy * g.stride + ky - g.pad;
+                let src_row = &src[iy * g.w..][..g.w];
+                let d = &mut d[oy * ow..][..ow];
+                if g.stride == 1 {
+                    let ix0 = oxs.start + kx - g.pad;
+                    for (d, s) in d[oxs.clone()].iter_mut().zip(&src_row[ix0..]) {
+                        *d = *s;
+                    }
+                } else {
+                    for ox in oxs.clone() {
+                        d[ox] = src_row[ox * g.stride + kx - g.pad];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: sums the patch matrix `[K, nb·P]` of `nb` images back into
+/// their `out` `[nb, C, H, W]` (zeroed).
+fn col2im<T: Elem>(cols: &[T], g: Geometry, nb: usize, out: &mut [T]) {
+    let (oh, ow, p) = (g.out_h(), g.out_w(), g.pixels());
+    let n = nb * p;
+    let per = g.c * g.h * g.w;
+    for (i, img) in out.chunks_mut(per).enumerate().take(nb) {
+        for c in 0..g.c {
+            let plane = &mut img[c * g.h * g.w..][..g.h * g.w];
+            for ky in 0..g.k {
+                let oys = g.valid(oh, ky, g.h);
+                for kx in 0..g.k {
+                    let oxs = g.valid(ow, kx, g.w);
+                    if oxs.is_empty() {
+                        continue;
+                    }
+                    let row = (c * g.k + ky) * g.k + kx;
+                    let src = &cols[row * n + i * p..][..p];
+                    for oy in oys.clone() {
+                        let iy = oy * g.stride + ky - g.pad;
+                        let dst_row = &mut plane[iy * g.w..][..g.w];
+                        let s = &src[oy * ow..][..ow];
+                        if g.stride == 1 {
+                            let ix0 = oxs.start + kx - g.pad;
+                            let d = &mut dst_row[ix0..ix0 + oxs.len()];
+                            for (d, s) in d.iter_mut().zip(&s[oxs.clone()]) {
+                                *d += *s;
+                            }
+                        } else {
+                            for ox in oxs.clone() {
+                                dst_row[ox * g.stride + kx - g.pad] += s[ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]` with the given (row, column) strides of the
+/// operands; `dst` is row-major; `accumulate` adds to it instead of overwriting.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Elem>(
+    dst: &mut [T],
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+    one: T,
+    threads: usize,
+) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::default());
         }
         return;
     }
-    let images = out.len() / per.max(1);
-    let per_thread = images.div_ceil(n).max(1);
-    std::thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(per_thread * per).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (i, img) in chunk.chunks_mut(per).enumerate() {
-                    f(t * per_thread + i, img);
-                }
-            });
-        }
-    });
+    // the last elements the strides reach lie inside the slices
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let parallelism = if threads > 1 && m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element the strides address inside the slices,
+    // `dst` is exclusively borrowed, and T is f32 or f64 (the types `gemm` supports).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
-fn im2col<T: Copy + Default + Send + Sync>(x: &[T], g: Geometry) -> Vec<T> {
-    let (oh, ow, kk) = (g.out_h(), g.out_w(), g.cols());
-    let per = oh * ow * kk;
-    let mut out = vec![T::default(); g.b * per];
-    per_image(&mut out, per, |b, dst| {
-        let src = &x[b * g.c * g.h * g.w..(b + 1) * g.c * g.h * g.w];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = &mut dst[(oy * ow + ox) * kk..(oy * ow + ox + 1) * kk];
-                for c in 0..g.c {
-                    for ky in 0..g.k {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        let base = (c * g.k + ky) * g.k;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue; // stays zero
-                        }
-                        let src_row = &src[(c * g.h + iy as usize) * g.w..][..g.w];
-                        for kx in 0..g.k {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                row[base + kx] = src_row[ix as usize];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    });
-    out
+/// Images per chunk: the patch matrix of a chunk stays near [`CHUNK_ELEMS`].
+fn chunk_images(g: Geometry) -> usize {
+    (CHUNK_ELEMS / (g.cols() * g.pixels()).max(1)).clamp(1, g.b.max(1))
 }
 
-fn col2im<T: Copy + Default + Send + Sync + std::ops::AddAssign>(
-    cols: &[T],
+/// How chunks are run: one after the other with multi-threaded GEMMs (`threads` for the
+/// GEMMs), or in parallel on rayon's pool, each single-threaded (when there are enough).
+fn plan(g: Geometry) -> (usize, bool) {
+    let t = threads();
+    let chunks = g.b.div_ceil(chunk_images(g));
+    if t > 1 && chunks >= 2 * t {
+        (1, true)
+    } else {
+        (t, false)
+    }
+}
+
+/// Forward pass: `[B, Co, OH, OW]` from `x`, `weight` `[Co, K]` and `bias` `[Co]`, in
+/// chunks of images: im2col of the chunk, one GEMM, written out with the bias.
+pub(super) fn conv_forward<T: Elem>(
+    x: &[T],
+    weight: &[T],
+    bias: &[T],
     g: Geometry,
+    one: T,
 ) -> Vec<T> {
-    let (oh, ow, kk) = (g.out_h(), g.out_w(), g.cols());
-    let per = g.c * g.h * g.w;
-    let mut out = vec![T::default(); g.b * per];
-    per_image(&mut out, per, |b, dst| {
-        let src = &cols[b * oh * ow * kk..(b + 1) * oh * ow * kk];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = &src[(oy * ow + ox) * kk..(oy * ow + ox + 1) * kk];
-                for c in 0..g.c {
-                    for ky in 0..g.k {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let base = (c * g.k + ky) * g.k;
-                        let dst_row = &mut dst[(c * g.h + iy as usize) * g.w..][..g.w];
-                        for kx in 0..g.k {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                dst_row[ix as usize] += row[base + kx];
-                            }
-                        }
-                    }
+    let (co, kc, p) = (g.c_out, g.cols(), g.pixels());
+    let per_out = co * p;
+    let ci = chunk_images(g);
+    let (gemm_threads, parallel) = plan(g);
+    let mut out = vec![T::default(); g.b * per_out];
+    let run = |c: usize, dst: &mut [T]| {
+        let (b0, nb) = (c * ci, dst.len() / per_out.max(1));
+        let n = nb * p;
+        let mut cols = scratch(kc * n);
+        im2col(x, g, b0, nb, &mut cols);
+        let mut y = scratch(co * n);
+        let w = (kc, 1);
+        matmul(
+            &mut y,
+            (co, n, kc),
+            weight,
+            w,
+            &cols,
+            (n, 1),
+            false,
+            one,
+            gemm_threads,
+        );
+        for (i, img) in dst.chunks_mut(per_out).enumerate() {
+            for (o, d) in img.chunks_mut(p).enumerate() {
+                let bo = bias[o];
+                for (d, s) in d.iter_mut().zip(&y[o * n + i * p..][..p]) {
+                    *d = *s + bo;
                 }
             }
         }
-    });
+        recycle(cols);
+        recycle(y);
+    };
+    if per_out == 0 {
+        return out;
+    }
+    if parallel {
+        use rayon::prelude::*;
+        out.par_chunks_mut(ci * per_out)
+            .enumerate()
+            .for_each(|(c, dst)| run(c, dst));
+    } else {
+        for (c, dst) in out.chunks_mut(ci * per_out).enumerate() {
+            run(c, dst);
+        }
+    }
     out
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+/// Which gradients [`conv_backward`] computes (the others stay zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Wanted {
+    /// The input gradient `dx`.
+    pub(super) input: bool,
+    /// The weight gradient `dW` (needs `x`; `x` is not read otherwise).
+    pub(super) weight: bool,
+}
+
+/// Backward pass: `[dx (B·C·H·W) | dW (Co·K) | db (Co)]` from `x`, `weight` and `dy`, in
+/// chunks of images: the chunk's `dY` as `[Co, nb·P]`, its row sums into `db`, `dW +=
+/// dY · colsᵀ`, `dcols = Wᵀ · dY`, col2im into the chunk's `dx`. `want` skips the GEMMs
+/// of a gradient nobody needs.
+pub(super) fn conv_backward<T: Elem>(
+    x: &[T],
+    weight: &[T],
+    dy: &[T],
+    g: Geometry,
+    one: T,
+    want: Wanted,
+) -> Vec<T> {
+    let (co, kc, p) = (g.c_out, g.cols(), g.pixels());
+    let per_in = g.c * g.h * g.w;
+    let ci = chunk_images(g);
+    let (gemm_threads, parallel) = plan(g);
+    let mut out = vec![T::default(); g.input_len() + co * kc + co];
+    let (dx, rest) = out.split_at_mut(g.input_len());
+    // one chunk: its dx into `dst`, its dW and db added to `dw_db` ([Co·K | Co])
+    let run = |c: usize, dst: &mut [T], dw_db: &mut [T]| {
+        let b0 = c * ci;
+        let nb = (g.b - b0).min(ci);
+        let n = nb * p;
+        let mut dyt = scratch(co * n);
+        for (o, row) in dyt.chunks_mut(n).enumerate() {
+            for i in 0..nb {
+                row[i * p..(i + 1) * p].copy_from_slice(&dy[((b0 + i) * co + o) * p..][..p]);
+            }
+        }
+        let (dw, db) = dw_db.split_at_mut(co * kc);
+        for (d, row) in db.iter_mut().zip(dyt.chunks(n)) {
+            for v in row {
+                *d += *v;
+            }
+        }
+        let mut cols = scratch(kc * n);
+        if want.weight {
+            im2col(x, g, b0, nb, &mut cols);
+            // dW [Co, K] += dY [Co, n] · colsᵀ [n, K]
+            matmul(
+                dw,
+                (co, kc, n),
+                &dyt,
+                (n, 1),
+                &cols,
+                (1, n),
+                true,
+                one,
+                gemm_threads,
+            );
+        }
+        if want.input {
+            // dcols [K, n] = Wᵀ [K, Co] · dY [Co, n], in the patches' buffer
+            let (wt, dyr) = ((1, kc), (n, 1));
+            matmul(
+                &mut cols,
+                (kc, n, co),
+                weight,
+                wt,
+                &dyt,
+                dyr,
+                false,
+                one,
+                gemm_threads,
+            );
+            col2im(&cols, g, nb, dst);
+        }
+        recycle(cols);
+        recycle(dyt);
+    };
+    if per_in == 0 || g.b == 0 {
+        return out;
+    }
+    if parallel {
+        use rayon::prelude::*;
+        let partial = dx
+            .par_chunks_mut(ci * per_in)
+            .enumerate()
+            .fold(
+                || vec![T::default(); co * kc + co],
+                |mut acc, (c, dst)| {
+                    run(c, dst, &mut acc);
+                    acc
+                },
+            )
+            .reduce_with(|mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+                a
+            });
+        if let Some(sum) = partial {
+            rest.copy_from_slice(&sum);
+        }
+    } else {
+        for (c, dst) in dx.chunks_mut(ci * per_in).enumerate() {
+            run(c, dst, rest);
+        }
+    }
+    out
+}
+
+pub(super) fn contiguous_slice<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("im2col/col2im need a contiguous input"),
+        None => candle_core::bail!("conv: the {what} must be contiguous"),
     }
 }
 
-/// `[B, C, H, W]` → `[B, OH·OW, C·K·K]` patches; backward is [`Col2Im`].
+/// The fused convolution `(x [B, C, H, W], weight [Co, C, k, k], bias [Co]) → [B, Co, OH,
+/// OW]` on the CPU; its backward is [`Conv2dBackward`].
 #[derive(Debug, Clone, Copy)]
-pub struct Im2Col {
+pub struct Conv2dOp {
     geometry: Geometry,
 }
 
-impl CustomOp1 for Im2Col {
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
-        "trainyard-im2col"
+        "trainyard-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
-        let shape = Shape::from((g.b, g.rows_per_image(), g.cols()));
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(im2col(contiguous_slice(v, layout)?, g)),
-            CpuStorage::F64(v) => CpuStorage::F64(im2col(contiguous_slice(v, layout)?, g)),
-            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
+        let shape = Shape::from((g.b, g.c_out, g.out_h(), g.out_w()));
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(conv_forward(
+                    contiguous_slice(x, l1, "input")?,
+                    contiguous_slice(w, l2, "weight")?,
+                    contiguous_slice(b, l3, "bias")?,
+                    g,
+                    1.0,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(conv_forward(
+                    contiguous_slice(x, l1, "input")?,
+                    contiguous_slice(w, l2, "weight")?,
+                    contiguous_slice(b, l3, "bias")?,
+                    g,
+                    1.0,
+                ))
+            }
+            _ => candle_core::bail!(
+                "conv: unsupported dtypes {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
         };
         Ok((out, shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im {
-            geometry: self.geometry,
-        })?;
-        Ok(Some(grad))
-    }
-}
-
-/// `[B, OH·OW, C·K·K]` → `[B, C, H, W]`, summing overlapping patches (the adjoint of
-/// [`Im2Col`]). Has no backward of its own (no second derivatives).
-#[derive(Debug, Clone, Copy)]
-pub struct Col2Im {
-    geometry: Geometry,
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "trainyard-col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry;
-        let shape = Shape::from((g.b, g.c, g.h, g.w));
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(col2im(contiguous_slice(v, layout)?, g)),
-            CpuStorage::F64(v) => CpuStorage::F64(col2im(contiguous_slice(v, layout)?, g)),
-            other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
+        // The first layer's input (the images) needs no gradient: skip its GEMM and col2im.
+        let want = Wanted {
+            input: x.track_op(),
+            weight: weight.track_op(),
+        };
+        let all = x.apply_op3_no_bwd(
+            weight,
+            &grad_res.contiguous()?,
+            &Conv2dBackward { geometry: g, want },
+        )?;
+        let (nx, nw) = (g.input_len(), g.c_out * g.cols());
+        let dx = all.narrow(0, 0, nx)?.reshape((g.b, g.c, g.h, g.w))?;
+        let dw = all.narrow(0, nx, nw)?.reshape((g.c_out, g.c, g.k, g.k))?;
+        let db = all.narrow(0, nx + nw, g.c_out)?;
+        Ok((
+            want.input.then_some(dx),
+            want.weight.then_some(dw),
+            Some(db),
+        ))
+    }
+}
+
+/// The gradients of [`Conv2dOp`], `(x, weight, dy) → [dx | dW | db]` flattened into one
+/// vector. Has no backward of its own (no second derivatives).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dBackward {
+    geometry: Geometry,
+    want: Wanted,
+}
+
+impl CustomOp3 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "trainyard-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let shape = Shape::from(g.input_len() + g.c_out * g.cols() + g.c_out);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(conv_backward(
+                    contiguous_slice(x, l1, "input")?,
+                    contiguous_slice(w, l2, "weight")?,
+                    contiguous_slice(dy, l3, "output gradient")?,
+                    g,
+                    1.0,
+                    self.want,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(conv_backward(
+                    contiguous_slice(x, l1, "input")?,
+                    contiguous_slice(w, l2, "weight")?,
+                    contiguous_slice(dy, l3, "output gradient")?,
+                    g,
+                    1.0,
+                    self.want,
+                ))
+            }
+            _ => candle_core::bail!(
+                "conv backward: unsupported dtypes {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
         };
         Ok((out, shape))
     }
 }
 
-/// A square 2-D convolution layer (im2col + GEMM on CPU).
+/// A square 2-D convolution layer (im2col + GEMM on CPU, see the module docs).
 #[derive(Debug, Clone)]
 pub struct GemmConv2d {
     weight: Tensor,
@@ -223,6 +661,9 @@ impl GemmConv2d {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
+        if stride == 0 || k == 0 {
+            candle_core::bail!("conv: kernel and stride must be at least 1");
+        }
         let weight = vb.get_with_hints(
             (c_out, c_in, k, k),
             "weight",
@@ -269,6 +710,12 @@ impl Module for GemmConv2d {
         if c != c_in {
             candle_core::bail!("conv: input has {c} channels, the layer expects {c_in}");
         }
+        if h + 2 * self.padding < k || w + 2 * self.padding < k {
+            candle_core::bail!("conv: input {h}x{w} is smaller than the kernel {k}");
+        }
+        if !matches!(x.dtype(), DType::F32 | DType::F64) {
+            candle_core::bail!("conv: unsupported dtype {:?}", x.dtype());
+        }
         let geometry = Geometry {
             b,
             c,
@@ -277,23 +724,17 @@ impl Module for GemmConv2d {
             k,
             stride: self.stride,
             pad: self.padding,
+            c_out,
         };
-        if h + 2 * self.padding < k || w + 2 * self.padding < k {
-            candle_core::bail!("conv: input {h}x{w} is smaller than the kernel {k}");
-        }
-        let (oh, ow) = (geometry.out_h(), geometry.out_w());
-        let cols = x.contiguous()?.apply_op1(Im2Col { geometry })?;
-        let wm = self.weight.reshape((c_out, geometry.cols()))?;
-        let mut y = cols
-            .reshape((b * oh * ow, geometry.cols()))?
-            .matmul(&wm.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        y.reshape((b, oh * ow, c_out))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c_out, oh, ow))
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(c_out, x.dtype(), x.device())?,
+        };
+        x.contiguous()?.apply_op3(
+            &self.weight.contiguous()?,
+            &bias.contiguous()?,
+            Conv2dOp { geometry },
+        )
     }
 }
 
@@ -324,6 +765,11 @@ mod tests {
             (2, 3, 9, 4, 2, 1),
             (1, 2, 6, 3, 1, 0),
             (2, 2, 5, 3, 2, 0),
+            (3, 5, 4, 5, 2, 2),
+            (2, 3, 3, 3, 3, 2),
+            (4, 2, 8, 1, 1, 0),
+            (2, 3, 6, 5, 1, 2),
+            (2, 2, 4, 5, 1, 2),
         ] {
             let vm = VarMap::new();
             let vb = VarBuilder::from_varmap(&vm, DType::F64, &d);
@@ -357,6 +803,96 @@ mod tests {
             for t in [x.as_tensor(), &conv.weight, conv.bias.as_ref().unwrap()] {
                 let diff = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
                 assert!(diff < 1e-9, "{c_in} {c_out} {h} {k} {stride} {pad}: {diff}");
+            }
+        }
+    }
+
+    /// The job-sized f32 layers (batch 32, the MNIST stem and blocks, the DB-VAE encoder),
+    /// on several threads, no bias and bias: forward and all three gradients agree with
+    /// candle's conv2d up to f32 rounding.
+    #[test]
+    fn matches_candle_conv2d_in_f32_at_job_sizes() {
+        let d = Device::Cpu;
+        for (c_in, c_out, h, k, stride, pad, bias) in [
+            (1, 32, 28, 3, 1, 0, true),
+            (32, 32, 26, 4, 2, 1, true),
+            (33, 32, 6, 3, 1, 1, false),
+            (12, 24, 14, 5, 2, 2, true),
+        ] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &d);
+            let conv = GemmConv2d::new(c_in, c_out, k, stride, pad, bias, vb).unwrap();
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (32, c_in, h, h), &d).unwrap()).unwrap();
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let mut theirs = x
+                .as_tensor()
+                .conv2d(&conv.weight, pad, stride, 1, 1)
+                .unwrap();
+            if let Some(b) = &conv.bias {
+                theirs = theirs
+                    .broadcast_add(&b.reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            let scale = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .max(1.0)
+            };
+            let rel = |a: &Tensor, b: &Tensor| {
+                max_diff(
+                    &a.to_dtype(DType::F64).unwrap(),
+                    &b.to_dtype(DType::F64).unwrap(),
+                ) / scale(b)
+            };
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(rel(&ours, &theirs) < 1e-5);
+            let r = Tensor::randn(0f32, 1.0, ours.dims(), &d).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut params = vec![x.as_tensor(), &conv.weight];
+            params.extend(conv.bias.as_ref());
+            for t in params {
+                let e = rel(g1.get(t).unwrap(), g2.get(t).unwrap());
+                assert!(e < 1e-4, "{c_in} {c_out} {h} {k} {stride} {pad}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn valid_ranges_keep_inputs_inside_the_image() {
+        let g = Geometry {
+            b: 1,
+            c: 1,
+            h: 5,
+            w: 5,
+            k: 4,
+            stride: 2,
+            pad: 1,
+            c_out: 1,
+        };
+        for offset in 0..g.k {
+            let r = g.valid(g.out_w(), offset, g.w);
+            for o in 0..g.out_w() {
+                let i = (o * g.stride + offset) as isize - g.pad as isize;
+                assert_eq!(
+                    r.contains(&o),
+                    (0..g.w as isize).contains(&i),
+                    "{offset} {o}"
+                );
             }
         }
     }

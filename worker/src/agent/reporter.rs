@@ -120,14 +120,16 @@ pub(crate) async fn report_loop(
             Ok(Ok(response)) if !response.get_ref().accepted && agent.worker_id() != sent_as => {
                 // The worker re-registered (a new leader) while this report was in flight:
                 // its refusal says nothing about the rank; send it again under the new id.
-                tracing::debug!(rank = %key, "report refused under the previous worker id; resending");
+                tracing::debug!("report refused under the previous worker id; resending");
             }
             Ok(Ok(response)) => {
                 pending.events.drain(..n);
                 backoff.reset();
                 failures = 0;
                 if !response.into_inner().accepted && !rejected {
-                    tracing::warn!(rank = %key, "coordinator rejected the report (stale attempt); stopping the rank");
+                    tracing::warn!(
+                        "coordinator rejected the report (stale attempt); stopping the rank"
+                    );
                     rejected = true;
                     agent.stop_rank(&key, StopReason::Stale);
                 }
@@ -135,14 +137,14 @@ pub(crate) async fn report_loop(
             Ok(Err(status)) => {
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(10) {
-                    tracing::warn!(rank = %key, error = %status, failures, "report failed; retrying");
+                    tracing::warn!(error = %status, failures, "report failed; retrying");
                 }
                 agent.coordinators().on_error(generation, &status);
                 wait_and_absorb(&mut backoff, &mut rx, &mut pending, &mut closed).await;
             }
             Err(_) => {
                 failures += 1;
-                tracing::warn!(rank = %key, failures, "report timed out; retrying");
+                tracing::warn!(failures, "report timed out; retrying");
                 wait_and_absorb(&mut backoff, &mut rx, &mut pending, &mut closed).await;
             }
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 use trainyard_proto::{
     rank_event, LogLine, RankAssignment, RankEvent, RankState, RankStateChange, RendezvousEntry,
 };
@@ -21,7 +22,7 @@ use trainyard_proto::{
 use super::{lock, reporter, Agent, RankKey, StopReason, DEFAULT_GRACE_PERIOD};
 use crate::checkpoint::now_unix_ms;
 use crate::protocol::{
-    encode_assignment, rendezvous_line, split_line, ParsedLine, ASSIGNMENT_ENV,
+    encode_assignment, rendezvous_line, split_line, ParsedLine, RankMessage, ASSIGNMENT_ENV,
     COLLECTIVE_HOST_ENV, DATA_CACHE_ENV, DEVICE_CPU, DEVICE_CUDA, DEVICE_ENV, RANK_ENV,
     WORLD_SIZE_ENV,
 };
@@ -72,7 +73,8 @@ pub(crate) async fn supervise(
         mut inbox,
     } = channels;
     let (tx, rx) = mpsc::unbounded_channel();
-    let reporter = tokio::spawn(reporter::report_loop(agent.clone(), key.clone(), rx));
+    let reporter =
+        tokio::spawn(reporter::report_loop(agent.clone(), key.clone(), rx).in_current_span());
     let _ = tx.send(state_event(RankState::Starting, 0, String::new()));
 
     let grace = match assignment.grace_period_s {
@@ -95,7 +97,7 @@ pub(crate) async fn supervise(
         agent.config.devices.len(),
     ) {
         Err(e) => {
-            tracing::error!(rank = %key, error = %e, "cannot start rank process");
+            tracing::error!(error = %e, "cannot start rank process");
             state_event(
                 RankState::Failed,
                 -1,
@@ -106,35 +108,41 @@ pub(crate) async fn supervise(
             state.store(RankState::Running as i32, Ordering::SeqCst);
             let _ = tx.send(state_event(RankState::Running, 0, String::new()));
             let pid = child.id().map(|p| p as libc::pid_t);
-            tracing::info!(rank = %key, pid, "rank process started");
+            tracing::info!(pid, "rank process started");
             let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
             // Rendezvous entries go to the rank's stdin, one line each.
             let feeder = child.stdin.take().map(|mut stdin| {
-                let key = key.clone();
-                tokio::spawn(async move {
-                    while let Some(e) = inbox.recv().await {
-                        let line = format!("{}\n", rendezvous_line(&e));
-                        if let Err(err) = stdin.write_all(line.as_bytes()).await {
-                            tracing::debug!(rank = %key, error = %err, "rank stdin closed");
-                            break;
+                tokio::spawn(
+                    async move {
+                        while let Some(e) = inbox.recv().await {
+                            let line = format!("{}\n", rendezvous_line(&e));
+                            if let Err(err) = stdin.write_all(line.as_bytes()).await {
+                                tracing::debug!(error = %err, "rank stdin closed");
+                                break;
+                            }
+                            let _ = stdin.flush().await;
                         }
-                        let _ = stdin.flush().await;
                     }
-                })
+                    .in_current_span(),
+                )
             });
             let readers = [
-                child
-                    .stdout
-                    .take()
-                    .map(|out| tokio::spawn(read_lines(out, "stdout", key.rank, tx.clone(), None))),
+                child.stdout.take().map(|out| {
+                    let sink = Sink {
+                        tx: tx.clone(),
+                        metrics: Some(agent.metrics.clone()),
+                    };
+                    tokio::spawn(read_lines(out, "stdout", key.rank, sink, None).in_current_span())
+                }),
                 child.stderr.take().map(|err| {
-                    tokio::spawn(read_lines(
-                        err,
-                        "stderr",
-                        key.rank,
-                        tx.clone(),
-                        Some(tail.clone()),
-                    ))
+                    let sink = Sink {
+                        tx: tx.clone(),
+                        metrics: None,
+                    };
+                    tokio::spawn(
+                        read_lines(err, "stderr", key.rank, sink, Some(tail.clone()))
+                            .in_current_span(),
+                    )
                 }),
             ];
             let (status, stopped) = wait_or_stop(&mut child, pid, &mut stop, grace, &key).await;
@@ -164,9 +172,16 @@ pub(crate) async fn supervise(
                 tracing::debug!(dir = %dir.display(), error = %e, "cannot remove rank folder");
             }
         }
+        let exit = match RankState::try_from(s.state) {
+            Ok(RankState::Succeeded) => "succeeded",
+            Ok(RankState::Cancelled) => "cancelled",
+            _ => "failed",
+        };
+        agent.metrics.rank_exited(exit);
         tracing::info!(
-            rank = %key,
-            state = RankState::try_from(s.state).map(|s| s.as_str_name()).unwrap_or("?"),
+            state = RankState::try_from(s.state)
+                .map(|s| s.as_str_name())
+                .unwrap_or("?"),
             exit_code = s.exit_code,
             "rank finished"
         );
@@ -259,7 +274,7 @@ pub(crate) fn spawn(
             Ok(())
         });
     }
-    tracing::debug!(rank = %key, dir = %dir.display(), "spawning rank process");
+    tracing::debug!(key = %key, dir = %dir.display(), "spawning rank process");
     cmd.spawn()
 }
 
@@ -333,7 +348,7 @@ async fn wait_or_stop(
                     // The agent dropped the entry: treat as a shutdown.
                     Err(_) => Some(StopReason::Shutdown),
                 };
-                tracing::info!(rank = %key, ?reason, grace_s = grace.as_secs_f64(), "stopping rank: SIGTERM");
+                tracing::info!(key = %key, ?reason, grace_s = grace.as_secs_f64(), "stopping rank: SIGTERM");
                 stopped = reason;
                 if let Some(pid) = pid {
                     signal_group(pid, libc::SIGTERM);
@@ -341,7 +356,7 @@ async fn wait_or_stop(
                 kill_at = Some(tokio::time::Instant::now() + grace);
             }
             _ = async { if let Some(t) = kill_at { tokio::time::sleep_until(t).await } }, if kill_at.is_some() => {
-                tracing::warn!(rank = %key, "rank did not stop within its grace period: SIGKILL");
+                tracing::warn!(key = %key, "rank did not stop within its grace period: SIGKILL");
                 if let Some(pid) = pid {
                     signal_group(pid, libc::SIGKILL);
                 }
@@ -406,14 +421,23 @@ fn final_state(
     }
 }
 
+/// Where a rank's output goes: events to the reporter, telemetry to the worker's metrics.
+struct Sink {
+    tx: Events,
+    /// Where [`RankMessage::Telemetry`](crate::protocol::RankMessage) lines are added up
+    /// (stdout only).
+    metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
+}
+
 /// Turns one output stream of the rank into events, line by line.
 async fn read_lines(
     reader: impl AsyncRead + Unpin,
     stream: &'static str,
     rank: u32,
-    tx: Events,
+    sink: Sink,
     tail: Option<Tail>,
 ) {
+    let Sink { tx, metrics } = sink;
     let mut reader = BufReader::new(reader);
     let mut buf = Vec::new();
     loop {
@@ -437,13 +461,24 @@ async fn read_lines(
         let kinds: Vec<rank_event::Kind> = if stream == "stdout" {
             split_line(&line)
                 .into_iter()
-                .map(|parsed| match parsed {
+                .filter_map(|parsed| match parsed {
+                    ParsedLine::Event(RankMessage::Telemetry {
+                        what,
+                        seconds,
+                        bytes,
+                        count,
+                    }) => {
+                        if let Some(m) = &metrics {
+                            m.observe(what, seconds, bytes, count);
+                        }
+                        None
+                    }
                     ParsedLine::Event(msg) => msg.into_event_kind(rank),
-                    ParsedLine::Log(line) => rank_event::Kind::Log(LogLine {
+                    ParsedLine::Log(line) => Some(rank_event::Kind::Log(LogLine {
                         rank,
                         stream: stream.into(),
                         line,
-                    }),
+                    })),
                 })
                 .collect()
         } else {

@@ -139,6 +139,7 @@ fn worker_config(addr: SocketAddr, work_dir: &Path) -> WorkerConfig {
         work_dir: work_dir.to_path_buf(),
         rank_command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
         collective_host: "127.0.0.1".into(),
+        metrics_listen: None,
     }
 }
 
