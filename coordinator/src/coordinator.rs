@@ -940,6 +940,19 @@ impl Coordinator {
     async fn report_rank_unfenced(&self, req: RankReport) -> Result<bool, OpError> {
         self.require_leader()?;
         let mut guard = self.state.lock().await;
+        // A worker this coordinator does not know (registered with a previous leader or
+        // process, or declared dead) must register again, listing its ranks, before its
+        // reports mean anything: refusing them as stale here would stop ranks the
+        // registration is about to adopt (the worker may see this answer before it stores
+        // its new id). An error keeps the events queued; the worker resends them under
+        // its new id.
+        if !guard.workers.contains_key(&req.worker_id) {
+            return Err(OpError::FailedPrecondition(format!(
+                "worker_id: worker {} is not registered with this coordinator; register again \
+                 and resend",
+                req.worker_id
+            )));
+        }
         let tracked = match self.ensure_tracked(&mut guard, &req.job_id).await {
             Ok(()) => true,
             Err(OpError::NotFound(_)) => false,

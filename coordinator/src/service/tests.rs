@@ -685,7 +685,8 @@ async fn a_dead_worker_requeues_its_jobs_with_restarts_and_resume() {
         "{}",
         failed.state_reason
     );
-    // The dead worker is unknown now and its reports are stale.
+    // The dead worker is unknown now: its heartbeats say so and its reports are refused
+    // until it registers again (which cancels the ranks nobody can adopt).
     let known = a
         .client
         .heartbeat(HeartbeatRequest {
@@ -697,10 +698,22 @@ async fn a_dead_worker_requeues_its_jobs_with_restarts_and_resume() {
         .into_inner()
         .known;
     assert!(!known);
-    assert!(
-        !a.report(&keep.id, 1, 0, vec![state(RankState::Running)])
-            .await
-    );
+    let refused = a
+        .client
+        .report_rank(RankReport {
+            worker_id: a.id.clone(),
+            job_id: keep.id.clone(),
+            attempt: 1,
+            rank: 0,
+            events: vec![RankEvent {
+                at_unix_ms: crate::state::now_unix_ms(),
+                kind: Some(state(RankState::Running)),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().starts_with("worker_id:"), "{refused}");
     let mut cluster = ClusterServiceClient::connect(c.url.clone()).await.unwrap();
     let all = cluster
         .list_workers(ListWorkersRequest { include_dead: true })
