@@ -351,6 +351,24 @@ pub fn loopback_rings(n: usize, attempt: &str, config: RingConfig) -> Result<Vec
     })
 }
 
+/// Config overrides for the ignored `quick_preset` tests: `base` plus the comma-separated
+/// `key=value` pairs of the environment variable `var` (later keys win). Panics on an entry
+/// without `=`, naming the variable.
+pub fn overrides_from_env(var: &str, base: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let extra = std::env::var(var).unwrap_or_default();
+    let mut out: BTreeMap<String, String> = base
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for kv in extra.split(',').filter(|kv| !kv.trim().is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{var}: \"{kv}\" is not key=value"));
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    out
+}
+
 /// Prints a results table as plain text (title, `|`-separated rows, notes, claims), for the
 /// ignored `quick_preset` tests that print a job's full-size results.
 pub fn print_results(table: &ResultsTable) {

@@ -277,12 +277,7 @@ mod tests {
     #[test]
     #[ignore]
     fn quick_preset() {
-        let overrides: BTreeMap<String, String> = std::env::var("DB_VAE_SET")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let overrides = crate::testing::overrides_from_env("DB_VAE_SET", &[]);
         let job = DbVaeJob::new();
         let config = job.resolve_config("quick", &overrides).unwrap();
         let ctx = MemoryContext::new().echo_logs(true);

@@ -181,17 +181,7 @@ mod tests {
     #[ignore = "minutes of CPU: the quick preset"]
     fn quick_preset() {
         let ctx = MemoryContext::new().echo_logs(true);
-        let overrides: BTreeMap<String, String> = std::env::var("GMDGM_SET")
-            .unwrap_or_default()
-            .split(',')
-            .filter(|kv| !kv.trim().is_empty())
-            .map(|kv| {
-                let (k, v) = kv
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("GMDGM_SET: \"{kv}\" is not key=value"));
-                (k.trim().to_string(), v.trim().to_string())
-            })
-            .collect();
+        let overrides = crate::testing::overrides_from_env("GMDGM_SET", &[]);
         let config = GmDgmJob::new().resolve_config("quick", &overrides).unwrap();
         GmDgmJob::new().run(&config, &ctx).unwrap();
         let table = ctx.results_table().unwrap();

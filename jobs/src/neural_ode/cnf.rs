@@ -1154,11 +1154,7 @@ mod tests {
         use crate::testing::MemoryContext;
         let job = super::super::NeuralOdeJob::new();
         // CNF_SET="key=value,key=value" overrides keys of the preset
-        let extra = std::env::var("CNF_SET").unwrap_or_default();
-        let o: BTreeMap<String, String> = std::iter::once(("experiment", "cnf"))
-            .chain(extra.split(',').filter_map(|kv| kv.split_once('=')))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let o = crate::testing::overrides_from_env("CNF_SET", &[("experiment", "cnf")]);
         let config = job.resolve_config("quick", &o).unwrap();
         let ctx = MemoryContext::new().echo_logs(true);
         let started = Instant::now();

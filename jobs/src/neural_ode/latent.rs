@@ -937,11 +937,7 @@ mod tests {
         use crate::job::Job;
         use crate::testing::MemoryContext;
         let job = super::super::NeuralOdeJob::new();
-        let extra = std::env::var("LATENT_SET").unwrap_or_default();
-        let o: BTreeMap<String, String> = std::iter::once(("experiment", "latent-ode"))
-            .chain(extra.split(',').filter_map(|kv| kv.split_once('=')))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let o = crate::testing::overrides_from_env("LATENT_SET", &[("experiment", "latent-ode")]);
         let config = job.resolve_config("quick", &o).unwrap();
         let ctx = MemoryContext::new().echo_logs(true);
         let started = std::time::Instant::now();

@@ -24,7 +24,6 @@ use std::cell::RefCell;
 use std::ops::{Add, AddAssign};
 use std::thread::LocalKey;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -490,17 +489,6 @@ pub(super) fn conv_backward<T: Elem>(
     out
 }
 
-pub(super) fn contiguous_slice<'a, T>(
-    data: &'a [T],
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv: the {what} must be contiguous"),
-    }
-}
-
 /// The fused convolution `(x [B, C, H, W], weight [Co, C, k, k], bias [Co]) → [B, Co, OH,
 /// OW]` on the CPU; its backward is [`Conv2dBackward`].
 #[derive(Debug, Clone, Copy)]
@@ -524,32 +512,15 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let shape = Shape::from((g.b, g.c_out, g.out_h(), g.out_w()));
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(conv_forward(
-                    contiguous_slice(x, l1, "input")?,
-                    contiguous_slice(w, l2, "weight")?,
-                    contiguous_slice(b, l3, "bias")?,
-                    g,
-                    1.0,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(conv_forward(
-                    contiguous_slice(x, l1, "input")?,
-                    contiguous_slice(w, l2, "weight")?,
-                    contiguous_slice(b, l3, "bias")?,
-                    g,
-                    1.0,
-                ))
-            }
-            _ => candle_core::bail!(
-                "conv: unsupported dtypes {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let out = super::dispatch3(
+            self.name(),
+            ["input", "weight", "bias"],
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, b| conv_forward(x, w, b, g, 1.0),
+            |x, w, b| conv_forward(x, w, b, g, 1.0),
+        )?;
         Ok((out, shape))
     }
 
@@ -608,34 +579,16 @@ impl CustomOp3 for Conv2dBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let shape = Shape::from(g.input_len() + g.c_out * g.cols() + g.c_out);
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(conv_backward(
-                    contiguous_slice(x, l1, "input")?,
-                    contiguous_slice(w, l2, "weight")?,
-                    contiguous_slice(dy, l3, "output gradient")?,
-                    g,
-                    1.0,
-                    self.want,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(conv_backward(
-                    contiguous_slice(x, l1, "input")?,
-                    contiguous_slice(w, l2, "weight")?,
-                    contiguous_slice(dy, l3, "output gradient")?,
-                    g,
-                    1.0,
-                    self.want,
-                ))
-            }
-            _ => candle_core::bail!(
-                "conv backward: unsupported dtypes {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let want = self.want;
+        let out = super::dispatch3(
+            self.name(),
+            ["input", "weight", "output gradient"],
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, dy| conv_backward(x, w, dy, g, 1.0, want),
+            |x, w, dy| conv_backward(x, w, dy, g, 1.0, want),
+        )?;
         Ok((out, shape))
     }
 }
@@ -744,19 +697,6 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     #[test]
     fn matches_candle_conv2d_forward_and_backward() {
         let d = Device::Cpu;
@@ -790,7 +730,7 @@ mod tests {
                 .broadcast_add(&bias)
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            assert!(max_diff(&ours, &theirs) < 1e-10);
+            assert!(crate::nn::max_abs_diff(&ours, &theirs) < 1e-10);
             // gradients w.r.t. input, weight and bias agree for a random cotangent
             let r = Tensor::randn(0f64, 1.0, ours.dims(), &d).unwrap();
             let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -801,7 +741,7 @@ mod tests {
                 .backward()
                 .unwrap();
             for t in [x.as_tensor(), &conv.weight, conv.bias.as_ref().unwrap()] {
-                let diff = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                let diff = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
                 assert!(diff < 1e-9, "{c_in} {c_out} {h} {k} {stride} {pad}: {diff}");
             }
         }
@@ -848,7 +788,7 @@ mod tests {
                     .max(1.0)
             };
             let rel = |a: &Tensor, b: &Tensor| {
-                max_diff(
+                crate::nn::max_abs_diff(
                     &a.to_dtype(DType::F64).unwrap(),
                     &b.to_dtype(DType::F64).unwrap(),
                 ) / scale(b)

@@ -15,11 +15,10 @@
 //! used. Parameter names, shapes and initialisation match `candle_nn::conv_transpose2d`
 //! (`weight` `[in, out, k, k]`, `bias` `[out]`, output padding and dilation not supported).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{contiguous_slice, conv_backward, conv_forward, Elem, Geometry, Wanted};
+use super::conv::{conv_backward, conv_forward, Elem, Geometry, Wanted};
 
 /// Forward: `[B, Co, OH, OW]` from `x` `[B, Ci, H, W]`, `weight` `[Ci, Co·k·k]` and `bias`.
 fn forward<T: Elem>(x: &[T], weight: &[T], bias: &[T], g: Geometry, one: T) -> Vec<T> {
@@ -75,37 +74,6 @@ fn backward<T: Elem>(x: &[T], weight: &[T], dy: &[T], g: Geometry, one: T, want:
     out
 }
 
-fn dispatch(
-    f32_fn: impl Fn(&[f32], &[f32], &[f32], Geometry, f32) -> Vec<f32>,
-    f64_fn: impl Fn(&[f64], &[f64], &[f64], Geometry, f64) -> Vec<f64>,
-    inputs: [(&CpuStorage, &Layout, &str); 3],
-    g: Geometry,
-) -> Result<CpuStorage> {
-    let [(s1, l1, n1), (s2, l2, n2), (s3, l3, n3)] = inputs;
-    Ok(match (s1, s2, s3) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(f32_fn(
-            contiguous_slice(a, l1, n1)?,
-            contiguous_slice(b, l2, n2)?,
-            contiguous_slice(c, l3, n3)?,
-            g,
-            1.0,
-        )),
-        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(f64_fn(
-            contiguous_slice(a, l1, n1)?,
-            contiguous_slice(b, l2, n2)?,
-            contiguous_slice(c, l3, n3)?,
-            g,
-            1.0,
-        )),
-        _ => candle_core::bail!(
-            "conv_transpose: unsupported dtypes {:?}, {:?}, {:?}",
-            s1.dtype(),
-            s2.dtype(),
-            s3.dtype()
-        ),
-    })
-}
-
 /// The fused transposed convolution `(x [B, Ci, H, W], weight [Ci, Co, k, k], bias [Co]) →
 /// [B, Co, OH, OW]` on the CPU; its backward is [`ConvTranspose2dBackward`].
 #[derive(Debug, Clone, Copy)]
@@ -129,11 +97,14 @@ impl CustomOp3 for ConvTranspose2dOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
-        let out = dispatch(
-            forward::<f32>,
-            forward::<f64>,
-            [(s1, l1, "input"), (s2, l2, "weight"), (s3, l3, "bias")],
-            g,
+        let out = super::dispatch3(
+            self.name(),
+            ["input", "weight", "bias"],
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, b| forward(x, w, b, g, 1.0),
+            |x, w, b| forward(x, w, b, g, 1.0),
         )?;
         Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
     }
@@ -194,15 +165,14 @@ impl CustomOp3 for ConvTranspose2dBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let want = self.want;
-        let out = dispatch(
-            |x, w, dy, g, one| backward::<f32>(x, w, dy, g, one, want),
-            |x, w, dy, g, one| backward::<f64>(x, w, dy, g, one, want),
-            [
-                (s1, l1, "input"),
-                (s2, l2, "weight"),
-                (s3, l3, "output gradient"),
-            ],
-            g,
+        let out = super::dispatch3(
+            self.name(),
+            ["input", "weight", "output gradient"],
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, dy| backward(x, w, dy, g, 1.0, want),
+            |x, w, dy| backward(x, w, dy, g, 1.0, want),
         )?;
         let n = g.b * g.c_out * g.out_h() * g.out_w() + g.c_out * g.cols() + g.c;
         Ok((out, Shape::from(n)))
@@ -318,21 +288,6 @@ mod tests {
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     fn check(dtype: DType, tol: f64, shapes: &[(usize, usize, usize, usize, usize, usize)]) {
         let d = Device::Cpu;
         for &(c_in, c_out, h, k, stride, pad) in shapes {
@@ -355,7 +310,7 @@ mod tests {
                 .broadcast_add(&bias.unwrap())
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            let f = max_diff(&ours, &theirs);
+            let f = crate::nn::max_abs_diff(&ours, &theirs);
             assert!(
                 f < tol,
                 "forward {c_in} {c_out} {h} {k} {stride} {pad}: {f}"
@@ -376,7 +331,7 @@ mod tests {
                 ("weight", &layer.weight),
                 ("bias", layer.bias.as_ref().unwrap()),
             ] {
-                let diff = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                let diff = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
                 assert!(
                     diff < tol,
                     "{name} {c_in} {c_out} {h} {k} {stride} {pad}: {diff}"
@@ -456,7 +411,7 @@ mod tests {
             deconv.weight(),
             deconv.bias.as_ref().unwrap(),
         ] {
-            let diff = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+            let diff = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
             assert!(diff < 1e-9, "{diff}");
         }
     }

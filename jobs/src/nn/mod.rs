@@ -7,3 +7,77 @@ pub mod norm;
 pub use conv::GemmConv2d;
 pub use conv_transpose::GemmConvTranspose2d;
 pub use norm::GroupNorm;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The contiguous data of one argument of a custom op (`what` names it in the error).
+pub(crate) fn contiguous_slice<'a, T>(
+    op: &str,
+    data: &'a [T],
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: the {what} must be contiguous"),
+    }
+}
+
+/// Runs the `f32` or `f64` kernel of a three-argument custom op `op` on its CPU storages,
+/// which must share one of those dtypes and be contiguous (`names` name the arguments in
+/// errors).
+pub(crate) fn dispatch3(
+    op: &str,
+    names: [&str; 3],
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+    f32_kernel: impl Fn(&[f32], &[f32], &[f32]) -> Vec<f32>,
+    f64_kernel: impl Fn(&[f64], &[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    let [n1, n2, n3] = names;
+    Ok(match (s1, s2, s3) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+            CpuStorage::F32(f32_kernel(
+                contiguous_slice(op, a, l1, n1)?,
+                contiguous_slice(op, b, l2, n2)?,
+                contiguous_slice(op, c, l3, n3)?,
+            ))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+            CpuStorage::F64(f64_kernel(
+                contiguous_slice(op, a, l1, n1)?,
+                contiguous_slice(op, b, l2, n2)?,
+                contiguous_slice(op, c, l3, n3)?,
+            ))
+        }
+        _ => candle_core::bail!(
+            "{op}: unsupported dtypes {:?}, {:?}, {:?}",
+            s1.dtype(),
+            s2.dtype(),
+            s3.dtype()
+        ),
+    })
+}
+
+/// The largest absolute difference of two tensors of one shape, in f64 (for the tests that
+/// compare these layers with candle's).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    use candle_core::DType;
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}

@@ -11,7 +11,6 @@
 //! `bias` zeros, shapes `[C]`), eps and biased variance as candle's; off the CPU candle's
 //! own layer is used. The gradients have no graph of their own (no second derivatives).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -157,46 +156,6 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], d: Dims) -> Vec<T> {
     out
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("group norm: the {what} must be contiguous"),
-    }
-}
-
-/// Runs `f32`/`f64` kernels on three CPU storages of one dtype.
-fn dispatch(
-    name: &str,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-    f32_kernel: impl Fn(&[f32], &[f32], &[f32]) -> Vec<f32>,
-    f64_kernel: impl Fn(&[f64], &[f64], &[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    Ok(match (s1, s2, s3) {
-        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-            CpuStorage::F32(f32_kernel(
-                contiguous_slice(a, l1, "input")?,
-                contiguous_slice(b, l2, "weight")?,
-                contiguous_slice(c, l3, "third argument")?,
-            ))
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-            CpuStorage::F64(f64_kernel(
-                contiguous_slice(a, l1, "input")?,
-                contiguous_slice(b, l2, "weight")?,
-                contiguous_slice(c, l3, "third argument")?,
-            ))
-        }
-        _ => candle_core::bail!(
-            "{name}: unsupported dtypes {:?}, {:?}, {:?}",
-            s1.dtype(),
-            s2.dtype(),
-            s3.dtype()
-        ),
-    })
-}
-
 /// The fused GroupNorm `(x [B, C, ...], γ [C], β [C]) → y` on the CPU; its backward is
 /// [`GroupNormBackward`].
 #[derive(Debug, Clone, Copy)]
@@ -219,8 +178,9 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let out = dispatch(
+        let out = super::dispatch3(
             self.name(),
+            ["input", "weight", "bias"],
             (s1, l1),
             (s2, l2),
             (s3, l3),
@@ -274,8 +234,9 @@ impl CustomOp3 for GroupNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let out = dispatch(
+        let out = super::dispatch3(
             self.name(),
+            ["input", "weight", "output gradient"],
             (s1, l1),
             (s2, l2),
             (s3, l3),
@@ -353,19 +314,6 @@ mod tests {
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     /// Forward and the three gradients agree with candle_nn's GroupNorm (random scale and
     /// shift), in f64 to rounding and in f32 to f32 precision.
     #[test]
@@ -402,7 +350,10 @@ mod tests {
                 .unwrap();
                 let y1 = ours.forward(x.as_tensor()).unwrap();
                 let y2 = theirs.forward(x.as_tensor()).unwrap();
-                assert!(max_diff(&y1, &y2) < tol, "{dtype:?} {b} {c} {h} {groups}");
+                assert!(
+                    crate::nn::max_abs_diff(&y1, &y2) < tol,
+                    "{dtype:?} {b} {c} {h} {groups}"
+                );
                 let r = Tensor::randn(0.0, 1.0, y1.dims(), &dev)
                     .unwrap()
                     .to_dtype(dtype)
@@ -410,7 +361,7 @@ mod tests {
                 let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 for t in [x.as_tensor(), &ours.weight, &ours.bias] {
-                    let e = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                    let e = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
                     assert!(e < 10.0 * tol, "{dtype:?} {b} {c} {h} {groups}: {e}");
                 }
             }
