@@ -5,10 +5,10 @@
 //! initialisation and Adam) and takes the job's step: `batch_size` labelled plus
 //! `batch_size` unlabelled binarised images, the loss with the unlabelled bound summed
 //! exactly over all `n_y` components, the weight prior, backward, element-wise clipping and
-//! the Adam update. The pixels kept are the job's (training-set std at least `drop_std`);
-//! the images are the built-in Fashion-MNIST's, the labelled ones from the classes that
-//! keep labels. Only the pixels and class ids are the bench's own choice of batch: a step
-//! costs the same whichever images it draws.
+//! the Adam update. The data are the job's own ([`Data::prepare`]: pixels kept by
+//! training-set std, the label split, dynamic binarisation); only the draw of the batch
+//! (uniform, with replacement) is the bench's: a step costs the same whichever images it
+//! draws.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -17,6 +17,7 @@ use rand::Rng;
 
 use super::models::{class_prior, init_params, normal_noise, Dims, Kind, SemiVae};
 use super::schema::{masked_classes, BUILTIN_FASHION, CLASSES};
+use super::train::{Data, Settings};
 use crate::config::ResolvedConfig;
 use crate::data::{derived_rng, fashion_mnist_12k};
 use crate::job::JobError;
@@ -29,24 +30,15 @@ pub struct GmDgmStep {
     weights: Vec<Tensor>,
     opt: Adam,
     dims: Dims,
-    /// Kept pixels in `[0, 1)`, `[N, n_x]`, and labels of the training images.
-    pixels: Vec<f32>,
-    labels: Vec<u8>,
-    labelled_pool: Vec<usize>,
+    /// The job's own preprocessing: kept pixels, the label split.
+    data: Data,
     batch: usize,
     alpha: f64,
     l2_reg: f64,
     clip: f64,
-    n_train: f64,
     seed: u64,
     next: u64,
     params: usize,
-}
-
-fn binarise(x: &mut [f32], rng: &mut StdRng) {
-    for v in x.iter_mut() {
-        *v = if rng.random::<f32>() < *v { 1.0 } else { 0.0 };
-    }
 }
 
 impl GmDgmStep {
@@ -60,38 +52,13 @@ impl GmDgmStep {
                 "the bench trains on {BUILTIN_FASHION} only"
             )));
         }
-        let (train, _) = fashion_mnist_12k().map_err(|e| JobError::Data(e.to_string()))?;
+        let (train, test) = fashion_mnist_12k().map_err(|e| JobError::Data(e.to_string()))?;
         let train = train.take(config.get_usize("train_samples")?);
+        let data = Data::prepare(&train, &test, &Settings::from_config(config)?);
         let masked = masked_classes(config)?;
         let extra = config.get_usize("extra_components")?;
-        let drop_std = config.get_f64("drop_std")?;
-        // the pixels the job keeps: training-set std (of p/256) at least drop_std
-        let n_pixels = train.rows * train.cols;
-        let n = train.len().max(1) as f64;
-        let (mut sum, mut sq) = (vec![0.0f64; n_pixels], vec![0.0f64; n_pixels]);
-        for i in 0..train.len() {
-            for (j, &p) in train.image(i).iter().enumerate() {
-                let v = p as f64 / 256.0;
-                sum[j] += v;
-                sq[j] += v * v;
-            }
-        }
-        let keep: Vec<usize> = (0..n_pixels)
-            .filter(|&j| {
-                let mean = sum[j] / n;
-                (sq[j] / n - mean * mean).max(0.0).sqrt() >= drop_std
-            })
-            .collect();
-        let mut pixels = Vec::with_capacity(train.len() * keep.len());
-        for i in 0..train.len() {
-            let img = train.image(i);
-            pixels.extend(keep.iter().map(|&j| img[j] as f32 / 256.0));
-        }
-        let labelled_pool: Vec<usize> = (0..train.len())
-            .filter(|&i| !masked.contains(&(train.labels[i] as usize)))
-            .collect();
         let dims = Dims {
-            x: keep.len(),
+            x: data.n_x,
             y: CLASSES + extra,
             z: config.get_usize("latent")?,
             h: config.get_usize("hidden")?,
@@ -114,14 +81,11 @@ impl GmDgmStep {
             weights,
             opt,
             dims,
-            pixels,
-            labels: train.labels.clone(),
-            labelled_pool,
+            data,
             batch: config.get_usize("batch_size")?,
             alpha: config.get_f64("alpha")?,
             l2_reg: config.get_f64("l2_reg")?,
             clip: config.get_f64("clip")?,
-            n_train: train.len() as f64,
             seed,
             next: 0,
             params: count_params(&varmap),
@@ -143,33 +107,20 @@ impl GmDgmStep {
         self.params
     }
 
-    fn images(&self, idx: &[usize], rng: &mut StdRng) -> Result<(Tensor, Tensor), JobError> {
-        let nx = self.dims.x;
-        let mut x = Vec::with_capacity(idx.len() * nx);
-        for &i in idx {
-            x.extend_from_slice(&self.pixels[i * nx..(i + 1) * nx]);
-        }
-        binarise(&mut x, rng);
-        let y: Vec<u32> = idx.iter().map(|&i| self.labels[i] as u32).collect();
-        Ok((
-            Tensor::from_vec(x, (idx.len(), nx), &Device::Cpu)?,
-            Tensor::from_vec(y, idx.len(), &Device::Cpu)?,
-        ))
-    }
-
     /// One training step; returns its loss (before the update).
     pub fn step(&mut self) -> Result<f64, JobError> {
         let dev = Device::Cpu;
         let mut rng = derived_rng(self.seed, 7, self.next, 0);
         self.next += 1;
-        let n = self.labels.len();
-        let u_idx: Vec<usize> = (0..self.batch).map(|_| rng.random_range(0..n)).collect();
-        let pool = &self.labelled_pool;
-        let l_idx: Vec<usize> = (0..self.batch)
-            .map(|_| pool[rng.random_range(0..pool.len())])
-            .collect();
-        let (xl, yl) = self.images(&l_idx, &mut rng)?;
-        let (xu, _) = self.images(&u_idx, &mut rng)?;
+        let pick = |pool: &[usize], rng: &mut StdRng| -> Vec<usize> {
+            (0..self.batch)
+                .map(|_| pool[rng.random_range(0..pool.len())])
+                .collect()
+        };
+        let l_idx = pick(&self.data.labelled, &mut rng);
+        let u_idx = pick(&self.data.unlabelled, &mut rng);
+        let (xl, yl) = self.data.train_batch(&l_idx, &mut rng, &dev)?;
+        let (xu, _) = self.data.train_batch(&u_idx, &mut rng, &dev)?;
         let (ny, nz) = (self.dims.y, self.dims.z);
         let eps_l = normal_noise(l_idx.len(), nz, &mut rng, &dev)?;
         let eps_u = normal_noise(u_idx.len() * ny, nz, &mut rng, &dev)?;
@@ -178,7 +129,8 @@ impl GmDgmStep {
         for w in &self.weights {
             sq.push(w.sqr()?.sum_all()?);
         }
-        let prior = (Tensor::stack(&sq, 0)?.sum_all()? * (0.5 * self.l2_reg / self.n_train))?;
+        let n_train = self.data.train_len() as f64;
+        let prior = (Tensor::stack(&sq, 0)?.sum_all()? * (0.5 * self.l2_reg / n_train))?;
         let total = (&losses.total + prior)?;
         let mut grads = total.backward()?;
         for (_, v) in &self.vars {

@@ -207,7 +207,7 @@ impl Data {
         }
     }
 
-    fn train_len(&self) -> usize {
+    pub(super) fn train_len(&self) -> usize {
         self.train_labels.len()
     }
 
@@ -216,7 +216,7 @@ impl Data {
     }
 
     /// Binarised training images `indices` `[B, n_x]` and their labels `[B]`.
-    fn train_batch(
+    pub(super) fn train_batch(
         &self,
         indices: &[usize],
         rng: &mut StdRng,
