@@ -34,9 +34,57 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// File holding your bearer token (client commands); or set TRAINYARD_TOKEN to the
+    /// token itself. Created by `trainyard auth add-user` on the coordinator's side.
+    #[arg(long, global = true, env = "TRAINYARD_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// TLS and certificates of this process (see `trainyard certs init`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The certificate flags every role shares: a client trusts `--tls-ca` and presents
+/// `--tls-cert`/`--tls-key` (mutual TLS); the coordinator serves with `--tls-cert`/
+/// `--tls-key`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) to trust for an https:// coordinator (default: the public
+    /// web roots).
+    #[arg(long, global = true, env = "TRAINYARD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM): the coordinator's server certificate, or a
+    /// worker's or user's client certificate for mutual TLS.
+    #[arg(long, global = true, env = "TRAINYARD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "TRAINYARD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify the coordinator's certificate for NAME rather than the host dialled (for
+    /// coordinators reached by pod IP, e.g. `trainyard-coordinator` in Kubernetes).
+    #[arg(
+        long,
+        global = true,
+        env = "TRAINYARD_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The flags as a client's TLS files.
+    pub fn client_files(&self) -> trainyard_auth::tls::ClientTlsFiles {
+        trainyard_auth::tls::ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
 }
 
 /// Log output format.
@@ -109,6 +157,91 @@ pub enum Command {
     GpuCheck(GpuCheckArgs),
     /// Data sets in object storage: push a folder, show one.
     Data(DataArgs),
+    /// Development certificates for TLS: `trainyard certs init`.
+    Certs(CertsArgs),
+    /// Users and worker join tokens in the coordinator's auth file.
+    Auth(AuthArgs),
+}
+
+/// `trainyard certs`.
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CertsCommand,
+}
+
+/// `trainyard certs ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CertsCommand {
+    /// Generate a development CA, a coordinator server certificate, and worker and
+    /// client certificates (for a first try; use your own PKI in production).
+    Init(CertsInitArgs),
+}
+
+/// `trainyard certs init`.
+#[derive(Debug, Clone, Args)]
+pub struct CertsInitArgs {
+    /// Folder to write the PEM files into.
+    #[arg(long, default_value = ".trainyard/certs", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Host names and IP addresses the coordinator is reached at (repeatable);
+    /// localhost, 127.0.0.1 and ::1 are always included.
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Days the certificates are valid (the CA: ten times as long).
+    #[arg(long, default_value_t = 365, value_name = "N")]
+    pub days: u32,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `trainyard auth`.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// The coordinator's auth file.
+    #[arg(
+        long,
+        env = "TRAINYARD_AUTH_FILE",
+        default_value = ".trainyard/auth.toml",
+        value_name = "FILE"
+    )]
+    pub auth_file: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AuthCommand,
+}
+
+/// `trainyard auth ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuthCommand {
+    /// Add a user and print their bearer token (shown once; only its hash is stored).
+    AddUser {
+        /// The user's name (owner of their jobs).
+        name: String,
+        /// `user` (own jobs) or `admin` (every job).
+        #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
+        role: String,
+        /// Also write the token to this file (mode 0600), for --token-file.
+        #[arg(long, value_name = "FILE")]
+        token_out: Option<PathBuf>,
+    },
+    /// Add a worker join token and print it (shown once; only its hash is stored).
+    AddWorker {
+        /// A label for the token (a node pool, a site).
+        name: String,
+        /// Also write the token to this file (mode 0600), for --join-token-file.
+        #[arg(long, value_name = "FILE")]
+        token_out: Option<PathBuf>,
+    },
+    /// Remove a user or join token (revoked once the coordinator restarts).
+    Remove {
+        /// The name.
+        name: String,
+    },
+    /// List users and join tokens (names and roles; never tokens).
+    List,
 }
 
 /// `trainyard data`.
@@ -207,6 +340,41 @@ pub struct CoordinatorArgs {
     /// 0.0.0.0:9460; port 0 picks a free one, printed on stdout). Default: not served.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Auth file of users and worker join tokens (see `trainyard auth`); without it the
+    /// coordinator serves without authentication, on loopback only unless --insecure.
+    #[arg(long, env = "TRAINYARD_AUTH_FILE", value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// CA (PEM) of client certificates: workers must present one that chains to it
+    /// (mutual TLS; needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback --listen address (warned at every
+    /// start).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Request, report and quota limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// `trainyard coordinator`'s limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest request message, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_name = "N")]
+    pub max_request_bytes: usize,
+    /// Longest log line in a worker report, in bytes.
+    #[arg(long, default_value_t = 64 * 1024, value_name = "N")]
+    pub max_log_line_bytes: usize,
+    /// Most events in one worker report.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_report_events: usize,
+    /// Most values in one metric point.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_metric_values: usize,
+    /// Most pending jobs per user (0: no cap).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub max_pending_jobs_per_user: usize,
 }
 
 /// `trainyard worker`.
@@ -234,6 +402,10 @@ pub struct WorkerArgs {
     /// 0.0.0.0:9461; port 0 picks a free one, logged). Default: not served.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// File holding the join token (from `trainyard auth add-worker`); or set
+    /// TRAINYARD_JOIN_TOKEN to the token itself.
+    #[arg(long, env = "TRAINYARD_JOIN_TOKEN_FILE", value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// What a job should run with: the fields of a job spec.
@@ -318,6 +490,9 @@ pub struct JobsArgs {
     /// At most this many jobs.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Only jobs of this user (admins; a user only ever sees their own).
+    #[arg(long, short = 'u', value_name = "NAME")]
+    pub user: Option<String>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArgs,
@@ -470,6 +645,10 @@ pub struct LocalArgs {
     /// Directory for the state store, objects and worker scratch space.
     #[arg(long, default_value = ".trainyard/local", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Serve on a non-loopback --listen address although a local cluster has no
+    /// authentication (warned at start; use `trainyard coordinator --auth-file` instead).
+    #[arg(long)]
+    pub insecure: bool,
     /// Cluster shape.
     #[command(flatten)]
     pub cluster: ClusterArgs,

@@ -4,12 +4,19 @@
 //! client looks for the leader (the one whose WorkerService reports SERVING on the health
 //! service), and [`Client::call`] follows a follower's redirect (`Unavailable` with
 //! `x-trainyard-leader`) or moves on to the next address, with backoff.
+//!
+//! A [`Target`] carries what every call presents: the bearer token (`TRAINYARD_TOKEN` or
+//! `--token-file`) and, for `https://` addresses, the TLS settings (`--tls-ca`, and
+//! `--tls-cert`/`--tls-key` for mutual TLS).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use trainyard_auth::client::BearerToken;
+use trainyard_auth::tls::ClientTlsFiles;
 use trainyard_proto::cluster_service_client::ClusterServiceClient;
 use trainyard_proto::job_service_client::JobServiceClient;
 
@@ -26,13 +33,83 @@ const WORKER_SERVICE: &str = "trainyard.v1.WorkerService";
 /// The metadata key in which a follower names the leader.
 const LEADER_METADATA: &str = "x-trainyard-leader";
 
+/// A channel whose calls carry the bearer token.
+pub type Authed = InterceptedService<Channel, BearerToken>;
+
+/// Where the coordinator is and what to present to it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The coordinator address(es), as given (see [`split_urls`]).
+    pub url: String,
+    token: BearerToken,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Target {
+    /// A coordinator without authentication or TLS (the in-process clusters).
+    pub fn plain(url: &str) -> Self {
+        Target {
+            url: url.to_string(),
+            token: BearerToken::default(),
+            tls: None,
+        }
+    }
+
+    /// The coordinator at `url`, with the bearer token (`TRAINYARD_TOKEN`, or the first line
+    /// of `token_file`) and the TLS files for `https://` addresses.
+    pub fn new(
+        url: &str,
+        token_file: Option<&std::path::Path>,
+        tls: &ClientTlsFiles,
+    ) -> Result<Self> {
+        let (token, source) = match (std::env::var("TRAINYARD_TOKEN").ok(), token_file) {
+            (_, Some(file)) => (
+                Some(
+                    trainyard_auth::client::read_token_file(file, "--token-file")
+                        .map_err(|e| bad_input(e.to_string()))?,
+                ),
+                "--token-file",
+            ),
+            (Some(t), None) if !t.trim().is_empty() => (Some(t), "TRAINYARD_TOKEN"),
+            _ => (None, "TRAINYARD_TOKEN"),
+        };
+        let token =
+            BearerToken::new(token.as_deref(), source).map_err(|e| bad_input(e.to_string()))?;
+        let urls = split_urls(url);
+        for u in &urls {
+            trainyard_auth::tls::check_scheme(u, tls).map_err(|e| bad_input(e.to_string()))?;
+        }
+        let tls = if tls.any() || urls.iter().any(|u| u.starts_with("https://")) {
+            trainyard_auth::install_crypto_provider();
+            Some(tls.load().map_err(|e| bad_input(e.to_string()))?)
+        } else {
+            None
+        };
+        Ok(Target {
+            url: url.to_string(),
+            token,
+            tls,
+        })
+    }
+
+    /// The same credentials for another address (a leader named by a follower).
+    fn with_url(&self, url: &str) -> Self {
+        Target {
+            url: url.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
 /// Clients of the coordinator's user-facing services.
 #[derive(Clone)]
 pub struct Client {
     /// JobService client.
-    pub jobs: JobServiceClient<Channel>,
+    pub jobs: JobServiceClient<Authed>,
     /// ClusterService client.
-    pub cluster: ClusterServiceClient<Channel>,
+    pub cluster: ClusterServiceClient<Authed>,
+    /// What every connection presents.
+    target: Target,
     /// Every coordinator address given, normalised.
     urls: Vec<String>,
     /// The one this client talks to.
@@ -59,28 +136,38 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
+/// The leader's address as a follower names it (`host:port`), with the scheme of the
+/// address the answer came from (so a TLS cluster's redirect stays on TLS).
+pub fn leader_url(hint: &str, from: &str) -> String {
+    if !hint.contains("://") && from.starts_with("https://") {
+        format!("https://{}", hint.trim().trim_end_matches('/'))
+    } else {
+        normalize_url(hint)
+    }
+}
+
 impl Client {
     /// Connects to the coordinator at `url` (or, for a comma-separated list, to the leader
     /// among them), with a clear error when nothing listens there.
-    pub async fn connect(url: &str) -> Result<Client> {
-        let urls = split_urls(url);
+    pub async fn connect(target: &Target) -> Result<Client> {
+        let urls = split_urls(&target.url);
         match urls.as_slice() {
             [] => Err(bad_input("--coordinator: no address given")),
-            [one] => Self::connect_one(one, &urls, CONNECT_TIMEOUT).await,
-            _ => Self::find_leader(urls).await,
+            [one] => Self::connect_one(target, one, &urls, CONNECT_TIMEOUT).await,
+            _ => Self::find_leader(target, urls).await,
         }
     }
 
     /// Tries the coordinators in turn until one says it leads; after [`LEADER_DEADLINE`]
     /// settles for any reachable one (reads work on followers).
-    async fn find_leader(urls: Vec<String>) -> Result<Client> {
+    async fn find_leader(target: &Target, urls: Vec<String>) -> Result<Client> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(200);
         loop {
             let mut reachable = None;
             let mut last_err = None;
             for u in &urls {
-                match Self::connect_one(u, &urls, LIST_CONNECT_TIMEOUT).await {
+                match Self::connect_one(target, u, &urls, LIST_CONNECT_TIMEOUT).await {
                     Ok(c) if c.leads().await => return Ok(c),
                     Ok(c) => {
                         reachable.get_or_insert(c);
@@ -135,7 +222,7 @@ impl Client {
                 .metadata()
                 .get(LEADER_METADATA)
                 .and_then(|v| v.to_str().ok())
-                .map(normalize_url);
+                .map(|h| leader_url(h, &self.url));
             let next = match hint {
                 Some(h) => h,
                 None if self.urls.len() > 1 => {
@@ -150,18 +237,27 @@ impl Client {
             tracing::debug!(from = %self.url, to = %next, error = %status, "retrying at another coordinator");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
-            if let Ok(c) = Self::connect_one(&next, &self.urls, LIST_CONNECT_TIMEOUT).await {
+            let target = self.target.with_url(&next);
+            if let Ok(c) = Self::connect_one(&target, &next, &self.urls, LIST_CONNECT_TIMEOUT).await
+            {
                 *self = c;
             }
         }
     }
 
-    async fn connect_one(url: &str, urls: &[String], timeout: Duration) -> Result<Client> {
+    async fn connect_one(
+        target: &Target,
+        url: &str,
+        urls: &[String],
+        timeout: Duration,
+    ) -> Result<Client> {
         let url = url.to_string();
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| bad_input(format!("--coordinator: invalid URL {url:?}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        let endpoint = trainyard_auth::tls::secure_endpoint(endpoint, &url, target.tls.as_ref())
+            .map_err(|e| bad_input(format!("--coordinator: {e}")))?;
         let channel = endpoint.connect().await.map_err(|e| {
             // The transport error nests the same cause several times; show the root.
             let root = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
@@ -174,8 +270,9 @@ impl Client {
             )
         })?;
         Ok(Client {
-            jobs: JobServiceClient::new(channel.clone()),
-            cluster: ClusterServiceClient::new(channel.clone()),
+            jobs: JobServiceClient::with_interceptor(channel.clone(), target.token.clone()),
+            cluster: ClusterServiceClient::with_interceptor(channel.clone(), target.token.clone()),
+            target: target.with_url(&url),
             channel,
             urls: urls.to_vec(),
             url,
@@ -195,6 +292,8 @@ mod tests {
             split_urls("a:1, http://b:2/,"),
             vec!["http://a:1".to_string(), "http://b:2".to_string()]
         );
+        assert_eq!(leader_url("h:1", "https://g:1"), "https://h:1");
+        assert_eq!(leader_url("h:1", "http://g:1"), "http://h:1");
     }
 
     #[tokio::test]
@@ -205,7 +304,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = Client::connect(&format!("http://127.0.0.1:{port}"))
+        let err = Client::connect(&Target::plain(&format!("http://127.0.0.1:{port}")))
             .await
             .err()
             .expect("connect must fail");

@@ -100,12 +100,14 @@ pub fn worker_metrics_addr(coordinator: Option<SocketAddr>, i: u32) -> Result<Op
 
 impl LocalCluster {
     /// Starts a coordinator on `listen` with its state under `data_dir`, and the workers.
-    /// `heartbeat_timeout` overrides the coordinator's default when given.
+    /// `heartbeat_timeout` overrides the coordinator's default when given. A local cluster
+    /// has no credentials: a non-loopback `listen` needs `insecure`.
     pub async fn start(
         listen: SocketAddr,
         data_dir: &Path,
         shape: &ClusterArgs,
         heartbeat_timeout: Option<Duration>,
+        insecure: bool,
     ) -> Result<Self> {
         if shape.workers == 0 {
             return Err(bad_input(
@@ -120,6 +122,7 @@ impl LocalCluster {
         let data_dir = absolute(data_dir)?;
         let mut config = CoordinatorConfig::with_data_dir(&data_dir);
         config.listen = listen;
+        config.insecure = insecure;
         config.metrics_listen = shape.metrics_listen;
         if let Some(t) = heartbeat_timeout {
             config.heartbeat_timeout = t;
@@ -160,6 +163,8 @@ impl LocalCluster {
                 rank_command: rank_command.clone(),
                 collective_host: connect_ip.to_string(),
                 metrics_listen: worker_metrics_addr(shape.metrics_listen, i)?,
+                join_token: None,
+                tls: Default::default(),
             };
             let mut rx = stop_rx.clone();
             let shutdown = async move {
@@ -180,7 +185,7 @@ impl LocalCluster {
 
     /// Waits until every worker has registered (jobs are rejected until the cluster can fit them).
     pub async fn wait_ready(&mut self) -> Result<()> {
-        let mut client = Client::connect(&self.url).await?;
+        let mut client = Client::connect(&crate::client::Target::plain(&self.url)).await?;
         let want = self.workers.len();
         let deadline = Instant::now() + WORKERS_READY_TIMEOUT;
         loop {

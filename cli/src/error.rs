@@ -1,4 +1,5 @@
-//! Errors the CLI turns into exit codes: 2 for bad input, 1 for everything else.
+//! Errors the CLI turns into exit codes: 2 for bad input (refused credentials and limits
+//! included), 1 for everything else.
 
 use std::fmt;
 
@@ -107,7 +108,10 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
                 | tonic::Code::NotFound
                 | tonic::Code::FailedPrecondition
                 | tonic::Code::AlreadyExists
-                | tonic::Code::OutOfRange => EXIT_BAD_INPUT,
+                | tonic::Code::OutOfRange
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated => EXIT_BAD_INPUT,
                 _ => EXIT_FAILURE,
             };
         }
@@ -148,6 +152,10 @@ mod tests {
         assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
         assert_eq!(e.to_string(), "spec.ranks: too many");
         let e = rpc(tonic::Status::not_found("job j-1 not found"));
+        assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
+        let e = rpc(tonic::Status::permission_denied(
+            "job j-1 belongs to \"bob\"",
+        ));
         assert_eq!(exit_code(&e), EXIT_BAD_INPUT);
         let e = rpc(tonic::Status::unavailable("connection refused"));
         assert_eq!(exit_code(&e), EXIT_FAILURE);

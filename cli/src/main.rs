@@ -79,23 +79,39 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let url = cli.coordinator.as_str();
+    let target = || client::Target::new(url, cli.token_file.as_deref(), &cli.tls.client_files());
+    let target = &match cli.command {
+        Command::Submit(_)
+        | Command::Jobs(_)
+        | Command::Describe(_)
+        | Command::Logs(_)
+        | Command::Cancel(_)
+        | Command::Workers(_)
+        | Command::Checkpoints(_)
+        | Command::Results(_)
+        | Command::Reproduce(_)
+        | Command::JobTypes(_) => target()?,
+        _ => client::Target::plain(url),
+    };
     match cli.command {
-        Command::Coordinator(a) => cmd::coordinator::run(a).await,
-        Command::Worker(a) => cmd::worker::run(url, a).await,
+        Command::Coordinator(a) => cmd::coordinator::run(a, &cli.tls).await,
+        Command::Worker(a) => cmd::worker::run(url, cli.tls.client_files(), a).await,
         Command::Rank => anyhow::bail!("internal: `rank` runs before the async runtime starts"),
-        Command::Submit(a) => cmd::submit::run(url, a).await,
-        Command::Jobs(a) => cmd::jobs::run(url, a).await,
-        Command::Describe(a) => cmd::describe::run(url, a).await,
-        Command::Logs(a) => cmd::logs::run(url, a).await,
-        Command::Cancel(a) => cmd::cancel::run(url, a).await,
-        Command::Workers(a) => cmd::workers::run(url, a).await,
-        Command::Checkpoints(a) => cmd::checkpoints::run(url, a).await,
-        Command::Results(a) => cmd::results::run(url, a).await,
-        Command::Reproduce(a) => cmd::reproduce::run(url, a).await,
-        Command::JobTypes(a) => cmd::job_types::run(url, a).await,
+        Command::Submit(a) => cmd::submit::run(target, a).await,
+        Command::Jobs(a) => cmd::jobs::run(target, a).await,
+        Command::Describe(a) => cmd::describe::run(target, a).await,
+        Command::Logs(a) => cmd::logs::run(target, a).await,
+        Command::Cancel(a) => cmd::cancel::run(target, a).await,
+        Command::Workers(a) => cmd::workers::run(target, a).await,
+        Command::Checkpoints(a) => cmd::checkpoints::run(target, a).await,
+        Command::Results(a) => cmd::results::run(target, a).await,
+        Command::Reproduce(a) => cmd::reproduce::run(target, a).await,
+        Command::JobTypes(a) => cmd::job_types::run(target, a).await,
         Command::Local(a) => cmd::local::run(a).await,
         Command::Run(a) => cmd::run::run(a).await,
         Command::GpuCheck(a) => cmd::gpu_check::run(a).await,
         Command::Data(a) => cmd::data::run(a).await,
+        Command::Certs(a) => cmd::certs::run(a),
+        Command::Auth(a) => cmd::auth::run(a),
     }
 }

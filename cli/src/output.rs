@@ -145,6 +145,7 @@ pub fn result_json(r: &ResultTable) -> Value {
 pub fn job_json(j: &Job) -> Value {
     json!({
         "id": j.id,
+        "owner": j.owner,
         "spec": j.spec.as_ref().map(spec_json),
         "state": job_state_name(j.state),
         "state_reason": j.state_reason,
@@ -321,12 +322,13 @@ pub fn truncate(s: &str, max: usize) -> String {
 /// The table of a list of jobs.
 pub fn jobs_table(jobs: &[Job]) -> Table {
     let mut t = new_table([
-        "ID", "NAME", "JOB", "STATE", "RANKS", "PRIO", "RESTARTS", "STEP", "AGE", "REASON",
+        "ID", "USER", "NAME", "JOB", "STATE", "RANKS", "PRIO", "RESTARTS", "STEP", "AGE", "REASON",
     ]);
     for j in jobs {
         let spec = j.spec.clone().unwrap_or_default();
         t.add_row(vec![
             Cell::new(&j.id),
+            Cell::new(if j.owner.is_empty() { "-" } else { &j.owner }),
             Cell::new(&spec.name),
             Cell::new(&spec.job),
             Cell::new(job_state_name(j.state)),
@@ -368,6 +370,14 @@ pub fn describe_text(j: &Job) -> String {
     config.sort();
     let rows = vec![
         ("Id", j.id.clone()),
+        (
+            "Owner",
+            if j.owner.is_empty() {
+                "-".into()
+            } else {
+                j.owner.clone()
+            },
+        ),
         ("Name", spec.name.clone()),
         ("Job", spec.job.clone()),
         ("Preset", spec.preset.clone()),

@@ -48,6 +48,9 @@ pub enum OpError {
     /// No such job or worker.
     #[error("{0}")]
     NotFound(String),
+    /// A limit or quota is reached; the message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -71,6 +74,7 @@ impl From<OpError> for Status {
             OpError::InvalidArgument(m) => Status::invalid_argument(m),
             OpError::FailedPrecondition(m) => Status::failed_precondition(m),
             OpError::NotFound(m) => Status::not_found(m),
+            OpError::ResourceExhausted(m) => Status::resource_exhausted(m),
             OpError::Store(e) => Status::unavailable(e.to_string()),
             OpError::Unavailable(m) => Status::unavailable(m),
             OpError::Internal(m) => Status::internal(m),
@@ -109,6 +113,8 @@ pub struct Settings {
     /// ended, once its history is in the object store (default 60 s); watches then read
     /// the history back from there.
     pub finished_history_kept: Duration,
+    /// Request, report and pending-job limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Settings {
@@ -119,6 +125,7 @@ impl Default for Settings {
             objects_url: String::new(),
             orphan_checkpoint_age: crate::retention::ORPHAN_CHECKPOINT_AGE,
             finished_history_kept: FINISHED_HISTORY_KEPT,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -405,15 +412,21 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Validates and stores a new PENDING job.
-    pub async fn submit(&self, spec: Option<trainyard_proto::JobSpec>) -> Result<Job, OpError> {
-        let r = self.submit_unfenced(spec).await;
+    /// Validates and stores a new PENDING job of `owner` (a user name; empty without
+    /// authentication), within the owner's cap on pending jobs.
+    pub async fn submit(
+        &self,
+        spec: Option<trainyard_proto::JobSpec>,
+        owner: &str,
+    ) -> Result<Job, OpError> {
+        let r = self.submit_unfenced(spec, owner).await;
         self.fenced(r)
     }
 
     async fn submit_unfenced(
         &self,
         spec: Option<trainyard_proto::JobSpec>,
+        owner: &str,
     ) -> Result<Job, OpError> {
         self.require_leader()?;
         let valid =
@@ -427,18 +440,57 @@ impl Coordinator {
         // says: usually exactly what the scheduler's next pass says, so that pass has no
         // reason to write back (see `scheduler::pass`).
         let first_reason = {
-            let st = self.state.lock().await;
+            let mut st = self.state.lock().await;
             let cluster = st.cluster_view();
             if !st.workers.is_empty() {
                 crate::scheduler::placement::fits_ever(&valid.spec, &cluster)
                     .map_err(OpError::FailedPrecondition)?;
             }
+            // The cap counts stored PENDING jobs and submissions of the owner still on
+            // their way to the store, so concurrent submissions cannot overshoot it.
+            let cap = self.settings.limits.max_pending_jobs_per_user;
+            if cap > 0 {
+                let pending = st.pending_of(owner);
+                if pending >= cap {
+                    return Err(OpError::ResourceExhausted(
+                        self.settings.limits.pending_cap_error(owner, pending),
+                    ));
+                }
+            }
+            *st.submitting.entry(owner.to_string()).or_default() += 1;
             crate::scheduler::first_waiting_reason(&valid.spec, &cluster)
         };
+        let stored = self
+            .store_new_job(&valid, first_reason, owner)
+            .await
+            .map_err(OpError::from);
+        let mut st = self.state.lock().await;
+        if let Some(n) = st.submitting.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                st.submitting.remove(owner);
+            }
+        }
+        let stored = stored?;
+        tracing::info!(job_id = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, owner, "job submitted");
+        st.jobs
+            .insert(stored.id.clone(), JobEntry::submitted(stored.clone()));
+        drop(st);
+        self.wake.notify_one();
+        Ok(stored)
+    }
+
+    /// Writes a new PENDING job to the store under a fresh id.
+    async fn store_new_job(
+        &self,
+        valid: &crate::validate::ValidSpec,
+        first_reason: String,
+        owner: &str,
+    ) -> Result<Job, StoreError> {
         // The store write runs without the state lock, so concurrent submissions reach the
         // store together (and are group-committed or pipelined to etcd).
         let mut tries = 0;
-        let stored = loop {
+        loop {
             let (id, now) = self.new_job_id();
             let job = Job {
                 id,
@@ -453,22 +505,15 @@ impl Coordinator {
                 }],
                 created_unix_ms: now,
                 resolved_config_json: valid.resolved_config_json.clone(),
+                owner: owner.to_string(),
                 ..Default::default()
             };
             match self.store.create_job(job).await {
-                Ok(j) => break j,
+                Ok(j) => return Ok(j),
                 Err(StoreError::AlreadyExists(_)) if tries < 5 => tries += 1,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
-        };
-        tracing::info!(job_id = %stored.id, kind = %valid.spec.job, ranks = valid.spec.ranks, "job submitted");
-        self.state
-            .lock()
-            .await
-            .jobs
-            .insert(stored.id.clone(), JobEntry::submitted(stored.clone()));
-        self.wake.notify_one();
-        Ok(stored)
+        }
     }
 
     /// `spec.from_checkpoint` must name a committed checkpoint (in the index, its manifest
@@ -587,18 +632,41 @@ impl Coordinator {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let after = (!req.page_token.is_empty()).then(|| req.page_token.clone());
-        let page = self
-            .store
-            .list_jobs(&JobQuery {
-                states,
-                limit,
-                after,
-            })
-            .await?;
+        let mut after = (!req.page_token.is_empty()).then(|| req.page_token.clone());
+        // With an owner filter, read store pages until this page is full (or the store
+        // has no more): other owners' jobs are skipped, not returned short.
+        let mut found = Vec::new();
+        let next = loop {
+            let page = self
+                .store
+                .list_jobs(&JobQuery {
+                    states: states.clone(),
+                    limit,
+                    after: after.clone(),
+                })
+                .await?;
+            let total = page.jobs.len();
+            let mut last = None;
+            for (i, job) in page.jobs.into_iter().enumerate() {
+                if req.owner.is_empty() || job.owner == req.owner {
+                    found.push(job);
+                }
+                if found.len() == limit {
+                    let more = i + 1 < total || page.next_after.is_some();
+                    last = Some(more.then(|| found[limit - 1].id.clone()));
+                    break;
+                }
+            }
+            if let Some(next) = last {
+                break next;
+            }
+            match page.next_after {
+                Some(n) => after = Some(n),
+                None => break None,
+            }
+        };
         let st = self.state.lock().await;
-        let jobs = page
-            .jobs
+        let jobs = found
             .into_iter()
             .map(|j| match st.jobs.get(&j.id) {
                 Some(e) if e.job.revision >= j.revision => e.job.clone(),
@@ -607,7 +675,7 @@ impl Coordinator {
             .collect();
         Ok(ListJobsResponse {
             jobs,
-            next_page_token: page.next_after.unwrap_or_default(),
+            next_page_token: next.unwrap_or_default(),
         })
     }
 

@@ -9,7 +9,9 @@
 //! - [`coordinator`]: the operations behind the services; [`service`]: the tonic adapters;
 //! - [`retention`]: which checkpoints a job keeps, and the task that deletes the others;
 //! - [`durable`]: job logs, metrics and results in the object store;
-//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
+//! - [`auth`]: who may call what (tokens, roles, job ownership); [`limits`]: request
+//!   size, report and pending-job limits.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), trainyard_coordinator::CoordinatorError> {
@@ -22,11 +24,13 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod coordinator;
 pub mod durable;
 pub mod job_types;
 pub mod leader;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod rendezvous;
 pub mod retention;
@@ -46,6 +50,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use trainyard_proto::cluster_service_server::ClusterServiceServer;
 use trainyard_proto::job_service_server::JobServiceServer;
 use trainyard_proto::worker_service_server::WorkerServiceServer;
@@ -84,6 +89,16 @@ pub struct CoordinatorConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`, see [`metrics`]); port 0 picks a
     /// free one ([`CoordinatorHandle::metrics_addr`]). `None` (the default): not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Who may call (see [`auth`]). `None`: everyone is the anonymous admin, which
+    /// [`start`] allows only on a loopback address unless [`CoordinatorConfig::insecure`].
+    pub credentials: Option<Arc<trainyard_auth::Credentials>>,
+    /// TLS on the gRPC port (with a client CA: mutual TLS for workers); `None`: plaintext.
+    pub tls: Option<trainyard_auth::tls::ServerTlsFiles>,
+    /// Serve without credentials on a non-loopback address anyway (logged as a warning
+    /// at every start).
+    pub insecure: bool,
+    /// Request, report and pending-job limits.
+    pub limits: limits::Limits,
 }
 
 impl CoordinatorConfig {
@@ -100,6 +115,10 @@ impl CoordinatorConfig {
             finished_history_kept: coordinator::FINISHED_HISTORY_KEPT,
             durable: durable::DurableOptions::default(),
             metrics_listen: None,
+            credentials: None,
+            tls: None,
+            insecure: false,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -259,6 +278,17 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
             "heartbeat_timeout must be longer than heartbeat_interval".into(),
         ));
     }
+    check_exposure(&config)?;
+    trainyard_auth::install_crypto_provider();
+    // Read the TLS files before anything else starts, so a bad file fails the start.
+    let tls = match &config.tls {
+        Some(files) => Some(
+            files
+                .load()
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let objects = prepare_objects(&config.objects_url).await?;
     let (store, etcd) = match store::StoreUrl::parse(&config.store_url)? {
         store::StoreUrl::Etcd(cfg) => {
@@ -317,6 +347,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
                 objects_url: config.objects_url.clone(),
                 orphan_checkpoint_age: config.orphan_checkpoint_age,
                 finished_history_kept: config.finished_history_kept,
+                limits: config.limits,
             },
         )
         .with_leadership(leadership.clone())
@@ -352,18 +383,46 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         shutdown_rx.clone(),
     ));
 
-    let server = tonic::transport::Server::builder()
+    let credentials = config.credentials.clone();
+    let mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let users = auth::Guard::new(credentials.clone(), auth::Audience::Users, false);
+    let workers = auth::Guard::new(credentials, auth::Audience::Workers, mtls);
+    let max = config.limits.max_request_bytes;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .layer(tower::util::MapResponseLayer::new(
+            limits::name_request_size_limit::<tonic::body::Body>
+                as fn(
+                    tonic::codegen::http::Response<tonic::body::Body>,
+                ) -> tonic::codegen::http::Response<tonic::body::Body>,
+        ))
+        // Health stays open: Kubernetes probes and load balancers carry no token.
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(JobServiceServer::new(JobApi {
-            coord: coord.clone(),
-        }))
-        .add_service(WorkerServiceServer::new(WorkerApi {
-            coord: coord.clone(),
-        }))
-        .add_service(ClusterServiceServer::new(ClusterApi {
-            coord: coord.clone(),
-        }));
+        .add_service(InterceptedService::new(reflection, users.clone()))
+        .add_service(InterceptedService::new(
+            JobServiceServer::new(JobApi {
+                coord: coord.clone(),
+            })
+            .max_decoding_message_size(max),
+            users.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            WorkerServiceServer::new(WorkerApi {
+                coord: coord.clone(),
+            })
+            .max_decoding_message_size(max),
+            workers,
+        ))
+        .add_service(InterceptedService::new(
+            ClusterServiceServer::new(ClusterApi {
+                coord: coord.clone(),
+            })
+            .max_decoding_message_size(max),
+            users,
+        ));
     let (metrics_addr, metrics_task) = match metrics_listener {
         Some((listener, bound)) => {
             tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics)");
@@ -410,6 +469,48 @@ pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, Coord
         metrics_task,
         coord: handle_coord,
     })
+}
+
+/// Refuses to serve without credentials on an address others can reach, unless
+/// `insecure`; says how the coordinator is exposed either way.
+fn check_exposure(config: &CoordinatorConfig) -> Result<(), CoordinatorError> {
+    let loopback = config.listen.ip().is_loopback();
+    match (&config.credentials, loopback, config.insecure) {
+        (Some(creds), _, _) => {
+            let (users, workers) = creds.counts();
+            tracing::info!(
+                users,
+                join_tokens = workers,
+                tls = config.tls.is_some(),
+                "authentication on: every call needs a token"
+            );
+            if config.tls.is_none() && !loopback {
+                tracing::warn!(
+                    "serving tokens over plaintext gRPC on a non-loopback address: anyone on \
+                     the network path can read them; set --tls-cert and --tls-key"
+                );
+            }
+        }
+        (None, true, _) => tracing::info!(
+            "no --auth-file: serving without authentication, on loopback only ({})",
+            config.listen
+        ),
+        (None, false, true) => tracing::warn!(
+            "--insecure: serving WITHOUT authentication on {}: anyone who can reach it can \
+             submit and cancel jobs and join as a worker",
+            config.listen
+        ),
+        (None, false, false) => {
+            return Err(CoordinatorError::Config(format!(
+                "--listen: {} is not a loopback address and no --auth-file is set, so anyone \
+                 who can reach it could submit and cancel jobs and join as a worker; create \
+                 an auth file with `trainyard auth add-user`, or pass --insecure to serve \
+                 without authentication anyway",
+                config.listen
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// JobService is SERVING while the store answers (followers serve reads); WorkerService

@@ -456,8 +456,26 @@ async fn get_metrics(AxumState(coord): AxumState<Arc<Coordinator>>) -> Response 
 pub fn router(coord: Arc<Coordinator>) -> Router {
     Router::new()
         .route("/metrics", get(get_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(get_ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try GET /metrics\n") })
         .with_state(coord)
+}
+
+/// `GET /readyz`: 200 while the coordinator can serve the job API (the state store
+/// answers; leader or follower), 503 otherwise. Plain HTTP, for Kubernetes probes, which
+/// cannot speak gRPC over TLS; `GET /healthz` answers 200 while the process serves.
+async fn get_ready(AxumState(coord): AxumState<Arc<Coordinator>>) -> Response {
+    let reachable = coord.leadership.borrow().store_reachable;
+    if reachable {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the state store is unreachable\n",
+        )
+            .into_response()
+    }
 }
 
 /// Serves [`router`] on `listener` until `shutdown` turns true.

@@ -371,9 +371,21 @@ pub struct State {
     pub jobs: HashMap<String, JobEntry>,
     /// After a restart: when orphaned jobs that did not get all their ranks back are requeued.
     pub orphan_deadline: Option<Instant>,
+    /// Submissions on their way to the store, by owner (counted against the pending cap).
+    pub submitting: HashMap<String, usize>,
 }
 
 impl State {
+    /// PENDING jobs of `owner`, with their submissions still on the way to the store.
+    pub fn pending_of(&self, owner: &str) -> usize {
+        let stored = self
+            .jobs
+            .values()
+            .filter(|e| e.job.owner == owner && e.job.state() == JobState::Pending)
+            .count();
+        stored + self.submitting.get(owner).copied().unwrap_or(0)
+    }
+
     /// The alive workers as the placement function sees them.
     pub fn cluster_view(&self) -> ClusterView {
         ClusterView {

@@ -196,7 +196,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub(crate) fn spawn(name: &str, args: &[String], log_path: &Path, pipe_stdout: bool) -> Proc {
+    pub fn spawn(name: &str, args: &[String], log_path: &Path, pipe_stdout: bool) -> Proc {
         Proc::spawn_with_env(name, args, log_path, pipe_stdout, &[])
     }
 
@@ -668,7 +668,7 @@ pub(crate) fn wait_for_alive_workers(n: usize, cli: impl Fn(&[&str]) -> Output) 
     );
 }
 
-pub(crate) fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr {
+pub fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr {
     read_listen_addr_or_exit(proc, timeout).unwrap_or_else(|| {
         panic!(
             "the coordinator exited without printing its address; its log:\n{}",
@@ -679,7 +679,7 @@ pub(crate) fn read_listen_addr(proc: &mut Proc, timeout: Duration) -> SocketAddr
 
 /// Like [`read_listen_addr`], but `None` when the process closes its stdout (exits)
 /// before printing an address. Panics after `timeout`.
-pub(crate) fn read_listen_addr_or_exit(proc: &mut Proc, timeout: Duration) -> Option<SocketAddr> {
+pub fn read_listen_addr_or_exit(proc: &mut Proc, timeout: Duration) -> Option<SocketAddr> {
     let stdout = proc
         .child
         .as_mut()

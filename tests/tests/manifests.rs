@@ -190,6 +190,16 @@ fn every_workload_has_resources_probes_and_security_context() {
     }
 }
 
+/// A container's `args`.
+fn args_of(container: &Value) -> Vec<&str> {
+    get(container, "args")
+        .and_then(Value::as_sequence)
+        .expect("container args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 #[test]
 fn coordinators_workers_and_etcd_are_wired_as_documented() {
     for overlay in OVERLAYS {
@@ -203,14 +213,26 @@ fn coordinators_workers_and_etcd_are_wired_as_documented() {
         );
         let c = containers(coordinator)[0];
         // Readiness follows etcd reachability on every coordinator (not leadership: see
-        // deploy/k8s/base/coordinator.yaml); both probes are native gRPC probes on 7800.
-        assert_eq!(
-            str_at(c, "readinessProbe.grpc.service"),
-            Some("trainyard.v1.JobService")
-        );
-        assert_eq!(
-            get(c, "livenessProbe.grpc.port").and_then(Value::as_u64),
-            Some(7800)
+        // deploy/k8s/base/coordinator.yaml); the probes are plain HTTP on the metrics port
+        // (gRPC probes cannot speak TLS).
+        assert_eq!(str_at(c, "readinessProbe.httpGet.path"), Some("/readyz"));
+        assert_eq!(str_at(c, "livenessProbe.httpGet.path"), Some("/healthz"));
+        // Secure by default: tokens, TLS, and client certificates for workers.
+        let coord_args = args_of(c);
+        for flag in [
+            "--auth-file=",
+            "--tls-cert=",
+            "--tls-key=",
+            "--tls-client-ca=",
+        ] {
+            assert!(
+                coord_args.iter().any(|a| a.starts_with(flag)),
+                "coordinator args {coord_args:?} lack {flag}"
+            );
+        }
+        assert!(
+            !coord_args.iter().any(|a| a.starts_with("--insecure")),
+            "coordinator runs --insecure"
         );
         let pdb = find(&objects, "PodDisruptionBudget", "trainyard-coordinator");
         assert_eq!(
@@ -220,16 +242,23 @@ fn coordinators_workers_and_etcd_are_wired_as_documented() {
 
         let worker = find(&objects, "DaemonSet", "trainyard-worker");
         let w = containers(worker)[0];
-        let args: Vec<&str> = get(w, "args")
-            .and_then(Value::as_sequence)
-            .expect("worker args")
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
+        let args = args_of(w);
         assert!(
             args.contains(&"--collective-host=$(POD_IP)"),
             "worker args {args:?}"
         );
+        for flag in [
+            "--coordinator=https://",
+            "--join-token-file=",
+            "--tls-cert=",
+            "--tls-key=",
+            "--tls-ca=",
+        ] {
+            assert!(
+                args.iter().any(|a| a.starts_with(flag)),
+                "worker args {args:?} lack {flag}"
+            );
+        }
         let pod_ip_from_status = get(w, "env")
             .and_then(Value::as_sequence)
             .expect("worker env")

@@ -131,6 +131,16 @@ fn coordinator_and_worker_expose_prometheus_metrics() {
     assert_eq!(get(&m, "trainyard_checkpoint_upload_bytes_total"), 0.0);
     assert_eq!(get(&m, "trainyard_worker_ranks{state=\"running\"}"), 0.0);
 
+    // Plain-HTTP probes for Kubernetes (its gRPC probes cannot speak TLS).
+    for (addr, path) in [
+        (coord, "/healthz"),
+        (coord, "/readyz"),
+        (worker, "/healthz"),
+    ] {
+        let r = http_request(addr, "GET", path).expect("the endpoint answers");
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+
     // Only GET /metrics is served.
     let r = http_request(coord, "GET", "/nope").expect("coordinator answers");
     assert_eq!(r.status, 404, "{r:?}");

@@ -54,6 +54,12 @@ pub struct WorkerConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`, see [`crate::metrics`]); port 0
     /// picks a free one (logged). `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The join token presented on every call to the coordinator (`None`: a coordinator
+    /// without authentication).
+    pub join_token: Option<String>,
+    /// TLS files for `https://` coordinator addresses: the CA to trust and, for mutual
+    /// TLS, this worker's certificate and key.
+    pub tls: trainyard_auth::tls::ClientTlsFiles,
 }
 
 /// Identity of one rank process.
@@ -145,7 +151,11 @@ pub async fn run_worker(
         return Err(WorkerError::InvalidConfig("no devices to advertise".into()));
     }
     std::fs::create_dir_all(config.work_dir.join("ranks"))?;
-    let coordinators = coordinators::Coordinators::new(&config.coordinator_url)?;
+    let coordinators = coordinators::Coordinators::new(
+        &config.coordinator_url,
+        config.join_token.as_deref(),
+        &config.tls,
+    )?;
     let agent = Arc::new(Agent {
         config,
         coordinators,

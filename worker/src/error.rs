@@ -27,6 +27,9 @@ pub enum WorkerError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The join token or TLS files cannot be used; the message names the setting.
+    #[error("{0}")]
+    Security(String),
     /// The worker configuration cannot be used (for example an empty rank command).
     #[error("invalid worker config: {0}")]
     InvalidConfig(String),

@@ -267,10 +267,12 @@ async fn get_metrics(AxumState(source): AxumState<Source>) -> Response {
     }
 }
 
-/// The HTTP routes: `GET /metrics` (405 for other methods), 404 elsewhere.
+/// The HTTP routes: `GET /metrics` (405 for other methods), `GET /healthz` (200 while the
+/// agent serves; for Kubernetes probes), 404 elsewhere.
 pub(crate) fn router(source: Source) -> Router {
     Router::new()
         .route("/metrics", get(get_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try GET /metrics\n") })
         .with_state(source)
 }

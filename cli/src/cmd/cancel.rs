@@ -4,13 +4,13 @@ use anyhow::Result;
 use trainyard_proto::CancelJobRequest;
 
 use crate::args::CancelArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::rpc;
 use crate::output::{job_json, job_state_name, print_structured};
 
 /// Runs `trainyard cancel`.
-pub async fn run(url: &str, args: CancelArgs) -> Result<i32> {
-    let mut client = Client::connect(url).await?;
+pub async fn run(target: &Target, args: CancelArgs) -> Result<i32> {
+    let mut client = Client::connect(target).await?;
     let request = CancelJobRequest {
         id: args.id.clone(),
         reason: args.reason,

@@ -5,13 +5,13 @@ use serde_json::Value;
 use trainyard_proto::ListCheckpointsRequest;
 
 use crate::args::CheckpointsArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::rpc;
 use crate::output::{checkpoint_json, checkpoints_table, print_structured};
 
 /// Runs `trainyard checkpoints`.
-pub async fn run(url: &str, args: CheckpointsArgs) -> Result<i32> {
-    let mut client = Client::connect(url).await?;
+pub async fn run(target: &Target, args: CheckpointsArgs) -> Result<i32> {
+    let mut client = Client::connect(target).await?;
     let mut cps = client
         .jobs
         .list_checkpoints(ListCheckpointsRequest {

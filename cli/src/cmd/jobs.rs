@@ -5,12 +5,12 @@ use serde_json::Value;
 use trainyard_proto::{JobState, ListJobsRequest};
 
 use crate::args::JobsArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::{bad_input, rpc};
 use crate::output::{job_json, jobs_table, print_structured};
 
 /// Runs `trainyard jobs`.
-pub async fn run(url: &str, args: JobsArgs) -> Result<i32> {
+pub async fn run(target: &Target, args: JobsArgs) -> Result<i32> {
     let mut states = Vec::new();
     for s in &args.states {
         let st = JobState::parse_name(s).ok_or_else(|| {
@@ -20,7 +20,7 @@ pub async fn run(url: &str, args: JobsArgs) -> Result<i32> {
         })?;
         states.push(st as i32);
     }
-    let mut client = Client::connect(url).await?;
+    let mut client = Client::connect(target).await?;
     let mut jobs = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -34,6 +34,7 @@ pub async fn run(url: &str, args: JobsArgs) -> Result<i32> {
                 states: states.clone(),
                 page_size: want.min(1000),
                 page_token: page_token.clone(),
+                owner: args.user.clone().unwrap_or_default(),
             })
             .await
             .map_err(rpc)?

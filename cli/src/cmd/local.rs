@@ -7,7 +7,14 @@ use crate::cluster::{shutdown_signal, LocalCluster};
 
 /// Runs `trainyard local`.
 pub async fn run(args: LocalArgs) -> Result<i32> {
-    let mut cluster = LocalCluster::start(args.listen, &args.data_dir, &args.cluster, None).await?;
+    let mut cluster = LocalCluster::start(
+        args.listen,
+        &args.data_dir,
+        &args.cluster,
+        None,
+        args.insecure,
+    )
+    .await?;
     cluster.wait_ready().await?;
     let url = &cluster.url;
     println!("trainyard local cluster listening on {}", cluster.addr);

@@ -6,12 +6,12 @@ use trainyard_proto::job_event::Kind;
 use trainyard_proto::{GetJobRequest, WatchJobRequest};
 
 use crate::args::LogsArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::rpc;
 
 /// Runs `trainyard logs`.
-pub async fn run(url: &str, args: LogsArgs) -> Result<i32> {
-    let mut client = Client::connect(url).await?;
+pub async fn run(target: &Target, args: LogsArgs) -> Result<i32> {
+    let mut client = Client::connect(target).await?;
     // Fails with NotFound (exit 2) for an unknown id before we start streaming.
     let job = client
         .jobs

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
+pub mod auth;
 pub mod cancel;
+pub mod certs;
 pub mod checkpoints;
 pub mod coordinator;
 pub mod data;

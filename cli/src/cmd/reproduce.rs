@@ -18,7 +18,7 @@ use trainyard_proto::{
 
 use crate::args::OutputFormat;
 use crate::args::ReproduceArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::cluster::LocalCluster;
 use crate::error::{bad_input, rpc};
 use crate::output::{job_state_name, new_table, print_structured};
@@ -36,7 +36,7 @@ struct Row {
 }
 
 /// Runs `trainyard reproduce`.
-pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
+pub async fn run(target: &Target, args: ReproduceArgs) -> Result<i32> {
     let registry = trainyard_jobs::registry();
     let names: Vec<String> = if args.jobs.is_empty() {
         registry.names().iter().map(|n| n.to_string()).collect()
@@ -75,7 +75,7 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
         overrides.push((k, v));
     }
     let mut local = None;
-    let url = if args.local {
+    let target = if args.local {
         let data_dir = args.data_dir.clone().unwrap_or_else(|| {
             let stamp = chrono_stamp();
             std::path::PathBuf::from(".trainyard/reproduce").join(stamp)
@@ -88,6 +88,7 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
             &data_dir,
             &args.cluster,
             Some(LOCAL_HEARTBEAT_TIMEOUT),
+            false,
         )
         .await?;
         cluster.wait_ready().await?;
@@ -96,13 +97,13 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
             cluster.url,
             cluster.data_dir.display()
         );
-        let url = cluster.url.clone();
+        let target = Target::plain(&cluster.url);
         local = Some(cluster);
-        url
+        target
     } else {
-        url.to_string()
+        target.clone()
     };
-    let outcome = reproduce_on(&url, &names, &overrides, &args).await;
+    let outcome = reproduce_on(&target, &names, &overrides, &args).await;
     if let Some(cluster) = local {
         cluster.stop().await?;
     }
@@ -110,13 +111,13 @@ pub async fn run(url: &str, args: ReproduceArgs) -> Result<i32> {
 }
 
 async fn reproduce_on(
-    url: &str,
+    target: &Target,
     names: &[String],
     overrides: &[(String, String)],
     args: &ReproduceArgs,
 ) -> Result<i32> {
     let registry = trainyard_jobs::registry();
-    let mut client = Client::connect(url).await?;
+    let mut client = Client::connect(target).await?;
     let mut submitted = Vec::new();
     for (name, experiment) in runs(names, overrides) {
         // Each job takes the overrides of the keys it has, and its experiment.
@@ -165,10 +166,10 @@ async fn reproduce_on(
         bar.set_prefix(format!("{name:<12}"));
         bar.set_message("pending");
         bar.enable_steady_tick(Duration::from_millis(200));
-        let url = url.to_string();
+        let target = target.clone();
         let (name, id) = (name.clone(), id.clone());
         watches.push(tokio::spawn(async move {
-            let result = watch(&url, &id, &bar).await;
+            let result = watch(&target, &id, &bar).await;
             bar.finish();
             (name, result)
         }));
@@ -239,8 +240,8 @@ fn runs(names: &[String], overrides: &[(String, String)]) -> Vec<(String, Option
 }
 
 /// Follows one job until it ends, feeding its bar; returns its final record.
-async fn watch(url: &str, id: &str, bar: &ProgressBar) -> Result<Job> {
-    let mut client = Client::connect(url).await?;
+async fn watch(target: &Target, id: &str, bar: &ProgressBar) -> Result<Job> {
+    let mut client = Client::connect(target).await?;
     let mut stream = client
         .jobs
         .watch_job(WatchJobRequest {

@@ -8,15 +8,15 @@ use serde_json::json;
 use trainyard_proto::{Artifact, GetJobRequest};
 
 use crate::args::ResultsArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::{bad_input, rpc};
 use crate::output::{
     artifact_json, human_bytes, job_state_name, print_structured, result_json, result_text,
 };
 
 /// Runs `trainyard results`.
-pub async fn run(url: &str, args: ResultsArgs) -> Result<i32> {
-    let mut client = Client::connect(url).await?;
+pub async fn run(target: &Target, args: ResultsArgs) -> Result<i32> {
+    let mut client = Client::connect(target).await?;
     let job = client
         .jobs
         .get_job(GetJobRequest {

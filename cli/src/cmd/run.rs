@@ -45,6 +45,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         &data_dir,
         &args.cluster,
         Some(RUN_HEARTBEAT_TIMEOUT),
+        false,
     )
     .await?;
     println!(
@@ -61,7 +62,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
 async fn run_on(cluster: &mut LocalCluster, spec: trainyard_proto::JobSpec) -> Result<i32> {
     cluster.wait_ready().await?;
-    let mut client = Client::connect(&cluster.url).await?;
+    let mut client = Client::connect(&crate::client::Target::plain(&cluster.url)).await?;
     let summary = format!(
         "{} (preset {}{})",
         spec.job,

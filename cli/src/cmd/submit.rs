@@ -4,15 +4,15 @@ use anyhow::Result;
 use trainyard_proto::{JobState, SubmitJobRequest};
 
 use crate::args::{OutputFormat, SubmitArgs};
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::rpc;
 use crate::follow::follow_job;
 use crate::output::{compact_duration, job_json, job_state_name, print_structured, result_text};
 
 /// Runs `trainyard submit`; returns the process exit code.
-pub async fn run(url: &str, args: SubmitArgs) -> Result<i32> {
+pub async fn run(target: &Target, args: SubmitArgs) -> Result<i32> {
     let spec = crate::spec::build_spec(&args.spec)?;
-    let mut client = Client::connect(url).await?;
+    let mut client = Client::connect(target).await?;
     let job = client
         .call(|mut c| {
             let spec = spec.clone();

@@ -24,8 +24,25 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "worker".to_string())
 }
 
+/// The join token: from `--join-token-file`, else `TRAINYARD_JOIN_TOKEN`, else none.
+fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(file) = file {
+        let token = trainyard_auth::client::read_token_file(file, "--join-token-file")
+            .map_err(|e| bad_input(e.to_string()))?;
+        return Ok(Some(token));
+    }
+    Ok(std::env::var("TRAINYARD_JOIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
 /// Runs `trainyard worker` until Ctrl-C or SIGTERM.
-pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
+pub async fn run(
+    url: &str,
+    tls: trainyard_auth::tls::ClientTlsFiles,
+    args: WorkerArgs,
+) -> Result<i32> {
     let slots = parse_device_slots(args.devices.as_deref(), args.emulate_gpus)
         .map_err(|e| bad_input(devices_error(&e.to_string())))?;
     let name = args.name.unwrap_or_else(hostname);
@@ -53,6 +70,8 @@ pub async fn run(url: &str, args: WorkerArgs) -> Result<i32> {
         rank_command: rank_command()?,
         collective_host,
         metrics_listen: args.metrics_listen,
+        join_token: join_token(args.join_token_file.as_deref())?,
+        tls,
     };
     tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), collective_host = %config.collective_host, "worker starting");
     run_worker(config, shutdown_signal())

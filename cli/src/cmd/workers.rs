@@ -5,13 +5,13 @@ use serde_json::Value;
 use trainyard_proto::ListWorkersRequest;
 
 use crate::args::WorkersArgs;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::error::rpc;
 use crate::output::{print_structured, worker_json, workers_table};
 
 /// Runs `trainyard workers`.
-pub async fn run(url: &str, args: WorkersArgs) -> Result<i32> {
-    let mut client = Client::connect(url).await?;
+pub async fn run(target: &Target, args: WorkersArgs) -> Result<i32> {
+    let mut client = Client::connect(target).await?;
     let workers = client
         .cluster
         .list_workers(ListWorkersRequest {
@@ -24,7 +24,10 @@ pub async fn run(url: &str, args: WorkersArgs) -> Result<i32> {
     let value = Value::Array(workers.iter().map(worker_json).collect());
     if !print_structured(args.output.output, &value)? {
         if workers.is_empty() {
-            println!("no workers (start one with `trainyard worker --coordinator {url}`)");
+            println!(
+                "no workers (start one with `trainyard worker --coordinator {}`)",
+                target.url
+            );
         } else {
             let total: usize = workers.iter().map(|w| w.devices.len()).sum();
             let used: usize = workers.iter().map(|w| w.used.len()).sum();

@@ -216,7 +216,7 @@ async fn a_deposed_leader_cannot_write_and_steps_down() {
     .with_leadership(leadership);
     coord.take_over().await.unwrap();
     let kept = coord
-        .submit(Some(spec(0)))
+        .submit(Some(spec(0)), "")
         .await
         .expect("the leader submits");
 
@@ -225,7 +225,7 @@ async fn a_deposed_leader_cannot_write_and_steps_down() {
     kv.put(election_key.as_str(), "new-leader", None)
         .await
         .unwrap();
-    let err = coord.submit(Some(spec(0))).await.unwrap_err();
+    let err = coord.submit(Some(spec(0)), "").await.unwrap_err();
     assert!(matches!(err, OpError::NotLeader(_)), "{err:?}");
     assert!(!coord.is_leader(), "a fenced-out leader stops leading");
     assert_eq!(coord.fenced_out_term(), term as u64);

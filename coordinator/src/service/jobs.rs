@@ -1,4 +1,5 @@
-//! `trainyard.v1.JobService`.
+//! `trainyard.v1.JobService`. Every call comes through the users' [`crate::auth::Guard`];
+//! a job is read, watched and cancelled only by its owner or an admin.
 
 use std::sync::Arc;
 
@@ -10,7 +11,9 @@ use trainyard_proto::{
     ListJobsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobRequest,
 };
 
+use crate::auth::{caller, check_job_access};
 use crate::coordinator::{Coordinator, EventStream};
+use crate::validate::CheckpointRef;
 
 /// Serves `JobService`.
 #[derive(Clone)]
@@ -27,38 +30,74 @@ fn require_id(id: &str, field: &str) -> Result<(), Status> {
     }
 }
 
+impl JobApi {
+    /// The job, if the caller may read it (`PERMISSION_DENIED` otherwise).
+    async fn accessible_job<T>(&self, request: &Request<T>, id: &str) -> Result<Job, Status> {
+        let who = caller(request)?;
+        let job = self.coord.get_job(id).await?;
+        check_job_access(&who, id, &job.owner)?;
+        Ok(job)
+    }
+}
+
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let job = self.coord.submit(request.into_inner().spec).await?;
+        let who = caller(&request)?;
+        let spec = request.into_inner().spec;
+        // Resuming from a checkpoint reads another job's state: only a job the caller
+        // may read.
+        if let Some(from) = spec.as_ref().map(|s| s.from_checkpoint.as_str()) {
+            if !from.is_empty() {
+                let from = CheckpointRef::parse(from).map_err(Status::invalid_argument)?;
+                if let Ok(job) = self.coord.get_job(&from.job_id).await {
+                    check_job_access(&who, &from.job_id, &job.owner)?;
+                }
+            }
+        }
+        let job = self.coord.submit(spec, &who.name).await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        let id = request.into_inner().id;
+        let id = request.get_ref().id.clone();
         require_id(&id, "id")?;
-        Ok(Response::new(self.coord.get_job(&id).await?))
+        Ok(Response::new(self.accessible_job(&request, &id).await?))
     }
 
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Ok(Response::new(
-            self.coord.list_jobs(request.into_inner()).await?,
-        ))
+        let who = caller(&request)?;
+        let mut req = request.into_inner();
+        if who.role != trainyard_auth::Role::Admin {
+            if !req.owner.is_empty() && req.owner != who.name {
+                return Err(Status::permission_denied(format!(
+                    "owner: user {:?} may only list their own jobs (the admin role may list \
+                     anyone's)",
+                    who.name
+                )));
+            }
+            req.owner = who.name;
+        }
+        Ok(Response::new(self.coord.list_jobs(req).await?))
     }
 
     async fn cancel_job(
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        let req = request.into_inner();
-        require_id(&req.id, "id")?;
-        let job = self.coord.cancel(&req.id, &req.reason).await?;
+        let (id, reason) = (
+            request.get_ref().id.clone(),
+            request.get_ref().reason.clone(),
+        );
+        require_id(&id, "id")?;
+        self.accessible_job(&request, &id).await?;
+        let job = self.coord.cancel(&id, &reason).await?;
         Ok(Response::new(CancelJobResponse { job: Some(job) }))
     }
 
@@ -68,17 +107,19 @@ impl JobService for JobApi {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let req = request.into_inner();
-        require_id(&req.id, "id")?;
-        Ok(Response::new(self.coord.watch(&req.id, req.follow).await?))
+        let (id, follow) = (request.get_ref().id.clone(), request.get_ref().follow);
+        require_id(&id, "id")?;
+        self.accessible_job(&request, &id).await?;
+        Ok(Response::new(self.coord.watch(&id, follow).await?))
     }
 
     async fn list_checkpoints(
         &self,
         request: Request<ListCheckpointsRequest>,
     ) -> Result<Response<ListCheckpointsResponse>, Status> {
-        let id = request.into_inner().job_id;
+        let id = request.get_ref().job_id.clone();
         require_id(&id, "job_id")?;
+        self.accessible_job(&request, &id).await?;
         let checkpoints = self.coord.list_checkpoints(&id).await?;
         Ok(Response::new(ListCheckpointsResponse { checkpoints }))
     }

@@ -878,6 +878,7 @@ async fn list_jobs_filters_and_pages() {
                 states: vec![JobState::Pending as i32],
                 page_size: 2,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -897,6 +898,58 @@ async fn list_jobs_filters_and_pages() {
         .collect();
     assert_eq!(seen, expected, "pending jobs in submit order");
     assert_eq!(pages, 2);
+    c.handle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn owner_filters_page_over_other_owners_jobs_and_the_pending_cap_is_per_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.limits.max_pending_jobs_per_user = 3;
+    let c = boot_with(config).await;
+    let coord = c.handle.coordinator().clone();
+    let mut alice = Vec::new();
+    // alice's jobs interleaved with bob's, so owner-filtered pages span store pages.
+    for i in 0..6 {
+        let owner = if i % 2 == 0 { "alice" } else { "bob" };
+        let job = coord.submit(Some(spec(0)), owner).await.unwrap();
+        assert_eq!(job.owner, owner);
+        if owner == "alice" {
+            alice.push(job.id);
+        }
+    }
+    let err = coord.submit(Some(spec(0)), "alice").await.unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("max_pending_jobs_per_user"),
+        "{status:?}"
+    );
+    // Cancelling one makes room again; others were never held back.
+    coord.cancel(&alice[0], "").await.unwrap();
+    alice.push(coord.submit(Some(spec(0)), "alice").await.unwrap().id);
+    assert!(coord.submit(Some(spec(0)), "carol").await.is_ok());
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = coord
+            .list_jobs(ListJobsRequest {
+                page_size: 1,
+                page_token: token,
+                owner: "alice".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.jobs.len() <= 1);
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, alice, "alice's jobs, in order, nobody else's");
     c.handle.shutdown().await.unwrap();
 }
 

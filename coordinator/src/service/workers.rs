@@ -66,7 +66,9 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<RankReport>,
     ) -> Result<Response<ReportRankResponse>, Status> {
-        let accepted = self.coord.report_rank(request.into_inner()).await?;
+        let report = request.into_inner();
+        self.coord.settings.limits.check_report(&report)?;
+        let accepted = self.coord.report_rank(report).await?;
         Ok(Response::new(ReportRankResponse { accepted }))
     }
 }

@@ -5,13 +5,26 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use trainyard_auth::client::BearerToken;
+use trainyard_auth::tls::ClientTlsFiles;
 use trainyard_proto::worker_service_client::WorkerServiceClient;
 
 use crate::WorkerError;
 
 /// The metadata key in which a follower names the leader.
 pub(crate) const LEADER_METADATA: &str = "x-trainyard-leader";
+
+/// A WorkerService client that presents the join token on every call.
+pub(crate) type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// What every connection presents: the join token, and TLS settings for `https://`.
+#[derive(Clone)]
+struct Credentials {
+    token: BearerToken,
+    tls: Option<ClientTlsConfig>,
+}
 
 /// A client and the generation of the switch it belongs to.
 pub(crate) struct Current {
@@ -21,10 +34,11 @@ pub(crate) struct Current {
     /// The address.
     pub(crate) url: String,
     /// The client.
-    pub(crate) client: WorkerServiceClient<Channel>,
+    pub(crate) client: Client,
 }
 
 struct Inner {
+    credentials: Credentials,
     urls: Vec<String>,
     index: usize,
     current: Current,
@@ -45,23 +59,34 @@ fn normalize(url: &str) -> String {
     }
 }
 
-fn connect(url: &str) -> Result<WorkerServiceClient<Channel>, WorkerError> {
+fn connect(url: &str, credentials: &Credentials) -> Result<Client, WorkerError> {
+    let bad_url = |reason: String| WorkerError::InvalidCoordinatorUrl {
+        url: url.to_string(),
+        reason,
+    };
     let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| WorkerError::InvalidCoordinatorUrl {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| bad_url(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true);
-    Ok(WorkerServiceClient::new(endpoint.connect_lazy()))
+    let endpoint = trainyard_auth::tls::secure_endpoint(endpoint, url, credentials.tls.as_ref())
+        .map_err(|e| bad_url(e.to_string()))?;
+    Ok(WorkerServiceClient::with_interceptor(
+        endpoint.connect_lazy(),
+        credentials.token.clone(),
+    ))
 }
 
 impl Coordinators {
-    /// Parses a comma-separated list of coordinator URLs (each validated).
-    pub(crate) fn new(spec: &str) -> Result<Self, WorkerError> {
+    /// Parses a comma-separated list of coordinator URLs (each validated); every call
+    /// presents `join_token`, and `https://` addresses use `tls`.
+    pub(crate) fn new(
+        spec: &str,
+        join_token: Option<&str>,
+        tls: &ClientTlsFiles,
+    ) -> Result<Self, WorkerError> {
         let urls: Vec<String> = spec
             .split(',')
             .filter(|u| !u.trim().is_empty())
@@ -73,12 +98,27 @@ impl Coordinators {
                 reason: "no address given".into(),
             });
         };
-        for u in &urls[1..] {
-            connect(u)?;
+        trainyard_auth::install_crypto_provider();
+        let security = |e: String| WorkerError::Security(e);
+        for u in &urls {
+            trainyard_auth::tls::check_scheme(u, tls).map_err(|e| security(e.to_string()))?;
         }
-        let client = connect(&first)?;
+        let credentials = Credentials {
+            token: BearerToken::new(join_token, "--join-token-file")
+                .map_err(|e| security(e.to_string()))?,
+            tls: if tls.any() || urls.iter().any(|u| u.starts_with("https://")) {
+                Some(tls.load().map_err(|e| security(e.to_string()))?)
+            } else {
+                None
+            },
+        };
+        for u in &urls[1..] {
+            connect(u, &credentials)?;
+        }
+        let client = connect(&first, &credentials)?;
         Ok(Self {
             inner: Mutex::new(Inner {
+                credentials,
                 urls,
                 index: 0,
                 current: Current {
@@ -98,7 +138,7 @@ impl Coordinators {
     }
 
     /// The current client (cheap clone) and its generation.
-    pub(crate) fn current(&self) -> (u64, WorkerServiceClient<Channel>) {
+    pub(crate) fn current(&self) -> (u64, Client) {
         let g = self.lock();
         (g.current.generation, g.current.client.clone())
     }
@@ -106,11 +146,18 @@ impl Coordinators {
     /// After a call made at `generation` failed with `status`: follow the leader it names,
     /// or (for transport-level failures) move on to the next address.
     pub(crate) fn on_error(&self, generation: u64, status: &tonic::Status) {
+        let current = self.lock().current.url.clone();
         let hint = status
             .metadata()
             .get(LEADER_METADATA)
             .and_then(|v| v.to_str().ok())
-            .map(normalize);
+            // A TLS cluster's redirect stays on TLS.
+            .map(
+                |h| match h.contains("://") || !current.starts_with("https://") {
+                    true => normalize(h),
+                    false => format!("https://{}", h.trim().trim_end_matches('/')),
+                },
+            );
         match hint {
             Some(url) => self.switch_to(generation, &url),
             None if matches!(
@@ -154,7 +201,7 @@ impl Coordinators {
     }
 
     fn install(g: &mut Inner, url: String) {
-        match connect(&url) {
+        match connect(&url, &g.credentials) {
             Ok(client) => {
                 tracing::info!(coordinator = %url, "switching to another coordinator");
                 g.current = Current {
@@ -174,7 +221,12 @@ mod tests {
 
     #[tokio::test]
     async fn follows_the_leader_hint_then_rotates() {
-        let c = Coordinators::new("127.0.0.1:1, http://127.0.0.1:2").unwrap();
+        let c = Coordinators::new(
+            "127.0.0.1:1, http://127.0.0.1:2",
+            None,
+            &ClientTlsFiles::default(),
+        )
+        .unwrap();
         assert_eq!(c.lock().current.url, "http://127.0.0.1:1");
         let mut st = tonic::Status::unavailable("not the leader; leader is 127.0.0.1:3");
         st.metadata_mut()

@@ -134,6 +134,17 @@ pub(crate) async fn report_loop(
                     agent.stop_rank(&key, StopReason::Stale);
                 }
             }
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                // The coordinator will never take this batch (over one of its limits):
+                // resending it would stall the rank's reports for good.
+                tracing::error!(error = %status, events = n, "coordinator refused the report; dropping it");
+                pending.events.drain(..n);
+            }
             Ok(Err(status)) => {
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(10) {

@@ -140,6 +140,8 @@ fn worker_config(addr: SocketAddr, work_dir: &Path) -> WorkerConfig {
         rank_command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
         collective_host: "127.0.0.1".into(),
         metrics_listen: None,
+        join_token: None,
+        tls: Default::default(),
     }
 }
 
