@@ -203,6 +203,7 @@ pub struct AuthArgs {
     /// The coordinator's auth file.
     #[arg(
         long,
+        global = true,
         env = "TRAINYARD_AUTH_FILE",
         default_value = ".trainyard/auth.toml",
         value_name = "FILE"
