@@ -62,8 +62,8 @@ impl Stem {
 impl Module for Stem {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.conv1.forward(x)?;
-        let x = self.conv2.forward(&self.norm1.forward(&x)?.relu()?)?;
-        self.conv3.forward(&self.norm2.forward(&x)?.relu()?)
+        let x = self.conv2.forward(&self.norm1.forward_relu(&x)?)?;
+        self.conv3.forward(&self.norm2.forward_relu(&x)?)
     }
 }
 
@@ -86,7 +86,7 @@ impl Head {
 
 impl Module for Head {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.norm.forward(x)?.relu()?;
+        let x = self.norm.forward_relu(x)?;
         let x = x.mean(3)?.mean(2)?;
         self.fc.forward(&x)
     }
@@ -116,8 +116,8 @@ impl ResBlock {
 
 impl Module for ResBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.conv1.forward(&self.norm1.forward(x)?.relu()?)?;
-        let out = self.conv2.forward(&self.norm2.forward(&out)?.relu()?)?;
+        let out = self.conv1.forward(&self.norm1.forward_relu(x)?)?;
+        let out = self.conv2.forward(&self.norm2.forward_relu(&out)?)?;
         out + x
     }
 }
@@ -204,8 +204,8 @@ impl OdeFunc {
 
     /// f(t, h).
     pub fn forward(&self, t: f64, x: &Tensor) -> Result<Tensor> {
-        let out = self.conv1.forward(t, &self.norm1.forward(x)?.relu()?)?;
-        let out = self.conv2.forward(t, &self.norm2.forward(&out)?.relu()?)?;
+        let out = self.conv1.forward(t, &self.norm1.forward_relu(x)?)?;
+        let out = self.conv2.forward(t, &self.norm2.forward_relu(&out)?)?;
         self.norm3.forward(&out)
     }
 }

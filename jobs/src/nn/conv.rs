@@ -3,18 +3,29 @@
 //! candle's CPU `conv2d` backward goes through a naive `conv_transpose2d`, several times
 //! slower than the forward pass. Here the whole layer (input, weight, bias) is one fused
 //! custom op, [`Conv2dOp`], computed over chunks of images whose patch matrix fits in cache
-//! (about 256 KiB). With `P = OH·OW`, `K = C·k·k` and `n = P·(images in the chunk)`:
+//! (about 512 KiB). With `P = OH·OW`, `K = C·k·k` and `n = P·(images in the chunk)`:
 //!
 //! * forward: the chunk's patches `cols` `[K, n]` (im2col), one GEMM `Y = W [Co, K] · cols`,
 //!   and `Y` `[Co, n]` written out as `[b, Co, OH, OW]` with the bias added on the way;
 //! * backward ([`Conv2dBackward`]): the chunk's `dY` gathered into `[Co, n]` (its row sums
-//!   are the bias gradient), `dW += dY · colsᵀ` (the patches recomputed rather than kept
-//!   alive between the passes), `dcols = Wᵀ · dY`, and col2im sums `dcols` back into the
-//!   chunk's input gradient.
+//!   are the bias gradient), `dW += dY · colsᵀ`, `dcols = Wᵀ · dY`, and col2im sums `dcols`
+//!   back into the chunk's input gradient.
+//!
+//! The patches are recomputed in the backward rather than kept from the forward: keeping
+//! them (`k²` times the input, megabytes a layer) measured no faster on the ResNet and
+//! slower on the ODE-Net, whose solver graph holds dozens of them: reading them back from
+//! memory costs about what rebuilding them in cache does.
+//!
+//! How the patches are laid out depends on the geometry, so that im2col and col2im are
+//! long copies rather than many short ones: a "same" convolution (stride 1, output as large
+//! as the input: the 3×3 layers of the ResNet blocks and the ODE function) orders the
+//! columns pixel-major, `(oy, ox, image)`, so that a patch row is one shifted copy of a
+//! channel for all the chunk's images ([`im2col_same`]); a strided one splits each input
+//! row into its column phases first ([`im2col_strided`]); others go row by row.
 //!
 //! The GEMMs are the `gemm` crate's (what candle's CPU matmul calls). With several threads
 //! (`RAYON_NUM_THREADS`, as candle) the chunks run in parallel on rayon's pool when there
-//! are enough of them, else one by one with multi-threaded GEMMs. The patch buffers come
+//! are enough of them, else one by one with multi-threaded GEMMs. The scratch buffers come
 //! from a small per-thread pool ([`scratch`]), which spares the page faults of fresh
 //! multi-megabyte allocations. The gradients have no graph of their own (no second
 //! derivatives). Off the CPU, candle's own `conv2d` is used. Parameter names and shapes
@@ -58,6 +69,22 @@ impl Geometry {
     pub(super) fn input_len(&self) -> usize {
         self.b * self.c * self.h * self.w
     }
+    /// A "same" convolution: stride 1, output as large as the input. Its patches are
+    /// pixel-major (see [`im2col_same`]).
+    fn is_same(&self) -> bool {
+        self.stride == 1 && self.out_h() == self.h && self.out_w() == self.w
+    }
+    /// For a "same" convolution (stride 1, output as large as the input), patch row `(ky,
+    /// kx)` of an image is its plane shifted: `(lo, hi, s0)` such that the patch elements
+    /// `lo..hi` are the plane's `s0..s0 + (hi − lo)` (the others lie in the padding, or
+    /// wrap around a row edge where the column is in the padding).
+    fn same_shift(&self, ky: usize, kx: usize) -> (usize, usize, usize) {
+        let plane = (self.h * self.w) as isize;
+        let shift = (ky * self.w + kx) as isize - (self.pad * self.w + self.pad) as isize;
+        let lo = (-shift).clamp(0, plane);
+        let hi = (plane - shift).clamp(lo, plane);
+        (lo as usize, hi as usize, (lo + shift) as usize)
+    }
     /// The outputs `o` (of `len`) whose input `o·stride + offset − pad` lies in `[0, size)`.
     fn valid(&self, len: usize, offset: usize, size: usize) -> std::ops::Range<usize> {
         let s = self.stride;
@@ -87,9 +114,11 @@ fn threads() -> usize {
         })
 }
 
-/// The patch matrix of a chunk of images is kept near this many elements (about 256 KiB
-/// of f32, so that it is still in cache when the GEMM reads it back).
-const CHUNK_ELEMS: usize = 1 << 16;
+/// The patch matrix of a chunk of images is kept near this many elements (about 512 KiB
+/// of f32, so that it is still in the core's cache when the GEMM reads it back; larger
+/// chunks than that of 256 KiB measured a few percent faster, fewer GEMM calls packing the
+/// weight again).
+const CHUNK_ELEMS: usize = 1 << 17;
 
 /// What the kernels need of an element type (f32, f64), with its scratch-buffer pool.
 pub(super) trait Elem:
@@ -120,7 +149,8 @@ impl Elem for f64 {
 /// time. At most this many are kept.
 const POOL_KEEP: usize = 4;
 
-/// A zeroed scratch vector of `len` from this thread's pool (or a new one).
+/// A scratch vector of `len` from this thread's pool (or a new one), NOT cleared: it may
+/// hold a previous user's values, so every element must be written before it is read.
 fn scratch<T: Elem>(len: usize) -> Vec<T> {
     let mut v = T::pool()
         .with(|p| {
@@ -133,7 +163,7 @@ fn scratch<T: Elem>(len: usize) -> Vec<T> {
             fit.map(|i| p.swap_remove(i))
         })
         .unwrap_or_default();
-    v.clear();
+    // zeroes only what grows beyond the previous length
     v.resize(len, T::default());
     v
 }
@@ -149,101 +179,304 @@ fn recycle<T: Elem>(v: Vec<T>) {
 }
 
 /// The patch matrix `[K, nb·P]` of images `b0..b0 + nb` of `x` `[B, C, H, W]` into `out`
-/// (zeroed): row `(c, ky, kx)`, column `(b − b0, oy, ox)`.
+/// (every element written, so `out` need not be zeroed): row `(c, ky, kx)`, column
+/// `(b − b0, oy, ox)`. Strides above 1 go to [`im2col_strided`]; "same" convolutions use
+/// [`im2col_same`] instead.
 fn im2col<T: Elem>(x: &[T], g: Geometry, b0: usize, nb: usize, out: &mut [T]) {
+    if g.stride > 1 {
+        return im2col_strided(x, g, b0, nb, out);
+    }
     let (oh, ow, p) = (g.out_h(), g.out_w(), g.pixels());
     let n = nb * p;
     let kk = g.k * g.k;
     let plane = g.h * g.w;
-    // A "same" convolution (stride 1, output as large as the input): each patch row of an
-    // image is the input plane shifted by a constant, so one copy per plane, then the
-    // columns that fall into the padding are cleared.
-    let same = g.stride == 1 && oh == g.h && ow == g.w;
-    for (row, dst) in out.chunks_mut(n).enumerate() {
+    let zero = T::default();
+    for (row, dst) in out[..g.cols() * n].chunks_mut(n.max(1)).enumerate() {
         let (c, ky, kx) = (row / kk, (row % kk) / g.k, row % g.k);
         let oys = g.valid(oh, ky, g.h);
         let oxs = g.valid(ow, kx, g.w);
         if oxs.is_empty() || oys.is_empty() {
-            continue; // the row stays zero
+            dst.fill(zero);
+            continue;
         }
-        for i in 0..nb {
+        for (i, d) in dst.chunks_mut(p).enumerate() {
             let src = &x[((b0 + i) * g.c + c) * plane..][..plane];
-            let d = &mut dst[i * p..][..p];
-            if same {
-                let shift = (ky * g.w + kx) as isize - (g.pad * g.w + g.pad) as isize;
-                let lo = (-shift).max(0) as usize;
-                let hi = (plane as isize - shift).min(plane as isize) as usize;
-                let s0 = (lo as isize + shift) as usize;
-                d[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
-                if oxs.start > 0 || oxs.end < ow {
-                    for oy in 0..oh {
-                        for v in &mut d[oy * ow..oy * ow + oxs.start] {
-                            *v = T::default();
-                        }
-                        for v in &mut d[oy * ow + oxs.end..(oy + 1) * ow] {
-                            *v = T::default();
-                        }
-                    }
-                }
-                continue;
-            }
+            d[..oys.start * ow].fill(zero);
+            d[oys.end * ow..].fill(zero);
+            let ix0 = oxs.start * g.stride + kx - g.pad;
             for oy in oys.clone() {
                 let iy = oy * g.stride + ky - g.pad;
-                let src_row = &src[iy * g.w..][..g.w];
+                let src_row = &src[iy * g.w + ix0..(iy + 1) * g.w];
                 let d = &mut d[oy * ow..][..ow];
-                if g.stride == 1 {
-                    let ix0 = oxs.start + kx - g.pad;
-                    for (d, s) in d[oxs.clone()].iter_mut().zip(&src_row[ix0..]) {
-                        *d = *s;
-                    }
-                } else {
-                    for ox in oxs.clone() {
-                        d[ox] = src_row[ox * g.stride + kx - g.pad];
-                    }
-                }
+                d[..oxs.start].fill(zero);
+                d[oxs.end..].fill(zero);
+                let d = &mut d[oxs.clone()];
+                d.copy_from_slice(&src_row[..d.len()]);
             }
         }
     }
 }
 
 /// The adjoint of [`im2col`]: sums the patch matrix `[K, nb·P]` of `nb` images back into
-/// their `out` `[nb, C, H, W]` (zeroed).
-fn col2im<T: Elem>(cols: &[T], g: Geometry, nb: usize, out: &mut [T]) {
+/// their `out` `[nb, C, H, W]` (zeroed). `cols` is scratch (the strided path reads it
+/// only, the others may clear its padding columns).
+fn col2im<T: Elem>(cols: &mut [T], g: Geometry, nb: usize, out: &mut [T]) {
+    if g.stride > 1 {
+        return col2im_strided(cols, g, nb, out);
+    }
     let (oh, ow, p) = (g.out_h(), g.out_w(), g.pixels());
     let n = nb * p;
-    let per = g.c * g.h * g.w;
-    for (i, img) in out.chunks_mut(per).enumerate().take(nb) {
+    let kk = g.k * g.k;
+    let plane = g.h * g.w;
+    let per = g.c * plane;
+    for (row, src) in cols[..g.cols() * n].chunks_mut(n.max(1)).enumerate() {
+        let (c, ky, kx) = (row / kk, (row % kk) / g.k, row % g.k);
+        let oys = g.valid(oh, ky, g.h);
+        let oxs = g.valid(ow, kx, g.w);
+        if oxs.is_empty() || oys.is_empty() {
+            continue;
+        }
+        for (i, s) in src.chunks_mut(p).enumerate().take(nb) {
+            let dst = &mut out[i * per + c * plane..][..plane];
+            let ix0 = oxs.start * g.stride + kx - g.pad;
+            for oy in oys.clone() {
+                let iy = oy * g.stride + ky - g.pad;
+                let dst_row = &mut dst[iy * g.w + ix0..(iy + 1) * g.w];
+                let s = &s[oy * ow..][..ow][oxs.clone()];
+                for (d, s) in dst_row.iter_mut().zip(s) {
+                    *d += *s;
+                }
+            }
+        }
+    }
+}
+
+/// The chunk `x` `[nb, C, P]` (images `b0..b0 + nb` of `x`) pixel-major, as `[C, P, nb]`
+/// into `out`.
+fn to_pixel_major<T: Elem>(x: &[T], (c, p): (usize, usize), b0: usize, nb: usize, out: &mut [T]) {
+    for (ch, dst) in out[..c * p * nb].chunks_exact_mut(p * nb).enumerate() {
+        for i in 0..nb {
+            let src = &x[((b0 + i) * c + ch) * p..][..p];
+            for (d, s) in dst[i..].iter_mut().step_by(nb).zip(src) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// The inverse of [`to_pixel_major`]: `xt` `[C, P, nb]` into `out` `[nb, C, P]`.
+fn from_pixel_major<T: Elem>(xt: &[T], (c, p): (usize, usize), nb: usize, out: &mut [T]) {
+    for (ch, src) in xt[..c * p * nb].chunks_exact(p * nb).enumerate() {
+        for i in 0..nb {
+            let dst = &mut out[(i * c + ch) * p..][..p];
+            for (d, s) in dst.iter_mut().zip(src[i..].iter().step_by(nb)) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// The patch matrix `[K, P·nb]` of a "same" convolution from the chunk's pixel-major input
+/// `xt` `[C, P, nb]` (see [`to_pixel_major`]), every element written: row `(c, ky, kx)`,
+/// column `(oy, ox, image)`, pixel-major so that a row is channel `c`'s pixel-major plane
+/// shifted by a constant (all the chunk's images at once): one copy, then the columns
+/// whose input lies in the padding cleared. (Image-major patches would take a copy per
+/// image and row, which at the models' 6×6 planes costs more than the copying itself.)
+fn im2col_same<T: Elem>(xt: &[T], g: Geometry, nb: usize, out: &mut [T]) {
+    let (w, p) = (g.w, g.pixels());
+    let n = nb * p;
+    let kk = g.k * g.k;
+    let zero = T::default();
+    for (row, d) in out[..g.cols() * n].chunks_mut(n.max(1)).enumerate() {
+        let (c, ky, kx) = (row / kk, (row % kk) / g.k, row % g.k);
+        let (oys, oxs) = (g.valid(g.h, ky, g.h), g.valid(w, kx, g.w));
+        if oys.is_empty() || oxs.is_empty() {
+            d.fill(zero);
+            continue;
+        }
+        let (lo, hi, s0) = g.same_shift(ky, kx);
+        let src = &xt[c * n..][..n];
+        d[..lo * nb].fill(zero);
+        d[lo * nb..hi * nb].copy_from_slice(&src[s0 * nb..(s0 + hi - lo) * nb]);
+        d[hi * nb..].fill(zero);
+        if oxs.start > 0 || oxs.end < w {
+            // the columns in the padding wrapped onto the neighbouring image rows
+            clear_columns(d, w * nb, oxs.start * nb..oxs.end * nb);
+        }
+    }
+}
+
+/// The adjoint of [`im2col_same`]: sums the pixel-major patch matrix `[K, P·nb]` into the
+/// chunk's pixel-major `dxt` `[C, P, nb]` (zeroed). `cols` is scratch: its padding columns
+/// are cleared on the way.
+fn col2im_same<T: Elem>(cols: &mut [T], g: Geometry, nb: usize, dxt: &mut [T]) {
+    let (w, p) = (g.w, g.pixels());
+    let n = nb * p;
+    let kk = g.k * g.k;
+    for (row, s) in cols[..g.cols() * n].chunks_mut(n.max(1)).enumerate() {
+        let (c, ky, kx) = (row / kk, (row % kk) / g.k, row % g.k);
+        let (oys, oxs) = (g.valid(g.h, ky, g.h), g.valid(w, kx, g.w));
+        if oys.is_empty() || oxs.is_empty() {
+            continue;
+        }
+        if oxs.start > 0 || oxs.end < w {
+            clear_columns(s, w * nb, oxs.start * nb..oxs.end * nb);
+        }
+        let (lo, hi, s0) = g.same_shift(ky, kx);
+        let dst = &mut dxt[c * n + s0 * nb..][..(hi - lo) * nb];
+        for (d, s) in dst.iter_mut().zip(&s[lo * nb..hi * nb]) {
+            *d += *s;
+        }
+    }
+}
+
+/// `Σ x`, in 8 independent partial sums (vectorizable, not bound by the latency of one
+/// chain of additions).
+fn sum<T: Elem>(x: &[T]) -> T {
+    let mut acc = [T::default(); 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v;
+        }
+    }
+    let mut total = T::default();
+    for v in chunks.remainder().iter().chain(&acc) {
+        total += *v;
+    }
+    total
+}
+
+/// Clears, in each row of `ow` of `d`, the columns outside `keep`.
+fn clear_columns<T: Elem>(d: &mut [T], ow: usize, keep: std::ops::Range<usize>) {
+    for r in d.chunks_exact_mut(ow) {
+        for v in &mut r[..keep.start] {
+            *v = T::default();
+        }
+        for v in &mut r[keep.end..] {
+            *v = T::default();
+        }
+    }
+}
+
+/// Where patch row `(ky, kx)` of a strided convolution reads: its valid output rows and
+/// columns, and for the first valid column the input's column phase `q` (`ix mod s`) and
+/// index `j0` in that phase (`ix div s`); the following columns are `j0 + 1, …`.
+struct StridedTap {
+    oys: std::ops::Range<usize>,
+    oxs: std::ops::Range<usize>,
+    q: usize,
+    j0: usize,
+}
+
+impl Geometry {
+    fn tap(&self, ky: usize, kx: usize) -> StridedTap {
+        let (oys, oxs) = (
+            self.valid(self.out_h(), ky, self.h),
+            self.valid(self.out_w(), kx, self.w),
+        );
+        let t = (oxs.start * self.stride + kx).saturating_sub(self.pad);
+        StridedTap {
+            oys,
+            oxs,
+            q: t % self.stride,
+            j0: t / self.stride,
+        }
+    }
+}
+
+/// [`im2col`] for strides above 1. Each input plane is first split into its `s` column
+/// phases (phase `q`, row `iy` holding the columns `q, q + s, …` of row `iy`), so that the
+/// valid part of every patch row segment is one contiguous copy from a phase.
+fn im2col_strided<T: Elem>(x: &[T], g: Geometry, b0: usize, nb: usize, out: &mut [T]) {
+    let (ow, p, s) = (g.out_w(), g.pixels(), g.stride);
+    let n = nb * p;
+    let plane = g.h * g.w;
+    let wq = g.w.div_ceil(s);
+    let zero = T::default();
+    let taps: Vec<StridedTap> = (0..g.k * g.k).map(|r| g.tap(r / g.k, r % g.k)).collect();
+    // phase q, row iy at (q·h + iy)·wq; entries past a phase's width are never read
+    let mut ph = scratch::<T>(s * g.h * wq);
+    for i in 0..nb {
         for c in 0..g.c {
-            let plane = &mut img[c * g.h * g.w..][..g.h * g.w];
-            for ky in 0..g.k {
-                let oys = g.valid(oh, ky, g.h);
-                for kx in 0..g.k {
-                    let oxs = g.valid(ow, kx, g.w);
-                    if oxs.is_empty() {
-                        continue;
+            let src = &x[((b0 + i) * g.c + c) * plane..][..plane];
+            for (iy, row) in src.chunks_exact(g.w).enumerate() {
+                for q in 0..s.min(g.w) {
+                    let dst = &mut ph[(q * g.h + iy) * wq..][..wq];
+                    for (d, v) in dst.iter_mut().zip(row[q..].iter().step_by(s)) {
+                        *d = *v;
                     }
-                    let row = (c * g.k + ky) * g.k + kx;
-                    let src = &cols[row * n + i * p..][..p];
-                    for oy in oys.clone() {
-                        let iy = oy * g.stride + ky - g.pad;
-                        let dst_row = &mut plane[iy * g.w..][..g.w];
-                        let s = &src[oy * ow..][..ow];
-                        if g.stride == 1 {
-                            let ix0 = oxs.start + kx - g.pad;
-                            let d = &mut dst_row[ix0..ix0 + oxs.len()];
-                            for (d, s) in d.iter_mut().zip(&s[oxs.clone()]) {
-                                *d += *s;
-                            }
-                        } else {
-                            for ox in oxs.clone() {
-                                dst_row[ox * g.stride + kx - g.pad] += s[ox];
-                            }
-                        }
+                }
+            }
+            for (r, tap) in taps.iter().enumerate() {
+                let ky = r / g.k;
+                let d = &mut out[(c * g.k * g.k + r) * n + i * p..][..p];
+                if tap.oys.is_empty() || tap.oxs.is_empty() {
+                    d.fill(zero);
+                    continue;
+                }
+                let len = tap.oxs.len();
+                d[..tap.oys.start * ow].fill(zero);
+                d[tap.oys.end * ow..].fill(zero);
+                for oy in tap.oys.clone() {
+                    let iy = oy * s + ky - g.pad;
+                    let dr = &mut d[oy * ow..][..ow];
+                    for v in &mut dr[..tap.oxs.start] {
+                        *v = zero;
+                    }
+                    for v in &mut dr[tap.oxs.end..] {
+                        *v = zero;
+                    }
+                    let from = &ph[(tap.q * g.h + iy) * wq + tap.j0..][..len];
+                    for (d, v) in dr[tap.oxs.clone()].iter_mut().zip(from) {
+                        *d = *v;
                     }
                 }
             }
         }
     }
+    recycle(ph);
+}
+
+/// [`col2im`] for strides above 1: the adjoint of [`im2col_strided`], summing each
+/// image-channel's patch rows into its column phases, then interleaving the phases back.
+fn col2im_strided<T: Elem>(cols: &[T], g: Geometry, nb: usize, out: &mut [T]) {
+    let (ow, p, s) = (g.out_w(), g.pixels(), g.stride);
+    let n = nb * p;
+    let plane = g.h * g.w;
+    let wq = g.w.div_ceil(s);
+    let taps: Vec<StridedTap> = (0..g.k * g.k).map(|r| g.tap(r / g.k, r % g.k)).collect();
+    let mut ph = scratch::<T>(s * g.h * wq);
+    for i in 0..nb {
+        for c in 0..g.c {
+            ph.fill(T::default());
+            for (r, tap) in taps.iter().enumerate() {
+                if tap.oys.is_empty() || tap.oxs.is_empty() {
+                    continue;
+                }
+                let ky = r / g.k;
+                let src = &cols[(c * g.k * g.k + r) * n + i * p..][..p];
+                let len = tap.oxs.len();
+                for oy in tap.oys.clone() {
+                    let iy = oy * s + ky - g.pad;
+                    let to = &mut ph[(tap.q * g.h + iy) * wq + tap.j0..][..len];
+                    for (d, v) in to.iter_mut().zip(&src[oy * ow + tap.oxs.start..][..len]) {
+                        *d += *v;
+                    }
+                }
+            }
+            let dst = &mut out[(i * g.c + c) * plane..][..plane];
+            for (iy, row) in dst.chunks_exact_mut(g.w).enumerate() {
+                for q in 0..s.min(g.w) {
+                    let from = &ph[(q * g.h + iy) * wq..][..wq];
+                    for (d, v) in row[q..].iter_mut().step_by(s).zip(from) {
+                        *d += *v;
+                    }
+                }
+            }
+        }
+    }
+    recycle(ph);
 }
 
 /// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]` with the given (row, column) strides of the
@@ -302,9 +535,15 @@ fn matmul<T: Elem>(
     }
 }
 
-/// Images per chunk: the patch matrix of a chunk stays near [`CHUNK_ELEMS`].
+/// Images per chunk: the patch matrix of a chunk stays near [`CHUNK_ELEMS`]; with several
+/// threads, also at most `B / 2t` (rounded up), so that there are chunks enough to run in
+/// parallel (see [`plan`]) where the batch allows.
 fn chunk_images(g: Geometry) -> usize {
-    (CHUNK_ELEMS / (g.cols() * g.pixels()).max(1)).clamp(1, g.b.max(1))
+    let by_cache = (CHUNK_ELEMS / (g.cols() * g.pixels()).max(1)).clamp(1, g.b.max(1));
+    match threads() {
+        t if t > 1 => by_cache.min(g.b.div_ceil(2 * t)).max(1),
+        _ => by_cache,
+    }
 }
 
 /// How chunks are run: one after the other with multi-threaded GEMMs (`threads` for the
@@ -333,29 +572,43 @@ pub(super) fn conv_forward<T: Elem>(
     let ci = chunk_images(g);
     let (gemm_threads, parallel) = plan(g);
     let mut out = vec![T::default(); g.b * per_out];
+    let same = g.is_same();
     let run = |c: usize, dst: &mut [T]| {
         let (b0, nb) = (c * ci, dst.len() / per_out.max(1));
         let n = nb * p;
         let mut cols = scratch(kc * n);
-        im2col(x, g, b0, nb, &mut cols);
+        if same {
+            let mut xt = scratch(g.c * n);
+            to_pixel_major(x, (g.c, p), b0, nb, &mut xt);
+            im2col_same(&xt, g, nb, &mut cols);
+            recycle(xt);
+        } else {
+            im2col(x, g, b0, nb, &mut cols);
+        }
         let mut y = scratch(co * n);
-        let w = (kc, 1);
         matmul(
             &mut y,
             (co, n, kc),
             weight,
-            w,
+            (kc, 1),
             &cols,
             (n, 1),
             false,
             one,
             gemm_threads,
         );
+        // Y [Co, n] (columns image-major, or pixel-major when `same`) into [nb, Co, P]
         for (i, img) in dst.chunks_mut(per_out).enumerate() {
             for (o, d) in img.chunks_mut(p).enumerate() {
                 let bo = bias[o];
-                for (d, s) in d.iter_mut().zip(&y[o * n + i * p..][..p]) {
-                    *d = *s + bo;
+                if same {
+                    for (d, s) in d.iter_mut().zip(y[o * n + i..].iter().step_by(nb)) {
+                        *d = *s + bo;
+                    }
+                } else {
+                    for (d, s) in d.iter_mut().zip(&y[o * n + i * p..][..p]) {
+                        *d = *s + bo;
+                    }
                 }
             }
         }
@@ -405,26 +658,40 @@ pub(super) fn conv_backward<T: Elem>(
     let (gemm_threads, parallel) = plan(g);
     let mut out = vec![T::default(); g.input_len() + co * kc + co];
     let (dx, rest) = out.split_at_mut(g.input_len());
+    let same = g.is_same();
     // one chunk: its dx into `dst`, its dW and db added to `dw_db` ([Co·K | Co])
     let run = |c: usize, dst: &mut [T], dw_db: &mut [T]| {
         let b0 = c * ci;
         let nb = (g.b - b0).min(ci);
         let n = nb * p;
+        // dY [Co, n], its columns ordered as the patches' (pixel-major when `same`)
         let mut dyt = scratch(co * n);
         for (o, row) in dyt.chunks_mut(n).enumerate() {
             for i in 0..nb {
-                row[i * p..(i + 1) * p].copy_from_slice(&dy[((b0 + i) * co + o) * p..][..p]);
+                let src = &dy[((b0 + i) * co + o) * p..][..p];
+                if same {
+                    for (d, s) in row[i..].iter_mut().step_by(nb).zip(src) {
+                        *d = *s;
+                    }
+                } else {
+                    row[i * p..(i + 1) * p].copy_from_slice(src);
+                }
             }
         }
         let (dw, db) = dw_db.split_at_mut(co * kc);
         for (d, row) in db.iter_mut().zip(dyt.chunks(n)) {
-            for v in row {
-                *d += *v;
-            }
+            *d += sum(row);
         }
         let mut cols = scratch(kc * n);
         if want.weight {
-            im2col(x, g, b0, nb, &mut cols);
+            if same {
+                let mut xt = scratch(g.c * n);
+                to_pixel_major(x, (g.c, p), b0, nb, &mut xt);
+                im2col_same(&xt, g, nb, &mut cols);
+                recycle(xt);
+            } else {
+                im2col(x, g, b0, nb, &mut cols);
+            }
             // dW [Co, K] += dY [Co, n] · colsᵀ [n, K]
             matmul(
                 dw,
@@ -452,7 +719,15 @@ pub(super) fn conv_backward<T: Elem>(
                 one,
                 gemm_threads,
             );
-            col2im(&cols, g, nb, dst);
+            if same {
+                let mut dxt = scratch(g.c * n);
+                dxt.fill(T::default());
+                col2im_same(&mut cols, g, nb, &mut dxt);
+                from_pixel_major(&dxt, (g.c, p), nb, dst);
+                recycle(dxt);
+            } else {
+                col2im(&mut cols, g, nb, dst);
+            }
         }
         recycle(cols);
         recycle(dyt);
@@ -810,6 +1085,50 @@ mod tests {
                 assert!(e < 1e-4, "{c_in} {c_out} {h} {k} {stride} {pad}: {e}");
             }
         }
+    }
+
+    /// With an input that needs no gradient (the backward skips `dx`), the weight and
+    /// bias gradients still agree with candle's, for a "same", a strided and another
+    /// geometry; and the pixel-major layout round-trips.
+    #[test]
+    fn an_untracked_input_still_gets_exact_weight_gradients() {
+        let d = Device::Cpu;
+        for (c_in, c_out, h, k, stride, pad) in
+            [(3, 4, 7, 3, 1, 1), (2, 3, 9, 4, 2, 1), (2, 3, 6, 3, 1, 0)]
+        {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F64, &d);
+            let conv = GemmConv2d::new(c_in, c_out, k, stride, pad, true, vb).unwrap();
+            let x = Tensor::randn(0f64, 1.0, (5, c_in, h, h), &d).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            let bias = conv.bias.as_ref().unwrap();
+            let theirs = x
+                .conv2d(&conv.weight, pad, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            let r = Tensor::randn(0f64, 1.0, ours.dims(), &d).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(g1.get(&x).is_none());
+            for t in [&conv.weight, bias] {
+                let diff = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                assert!(diff < 1e-9, "{c_in} {c_out} {h} {k} {stride} {pad}: {diff}");
+            }
+        }
+        // 10 images of 3 channels of 4 pixels; images 2..7 pixel-major and back
+        let x: Vec<f64> = (0..10 * 3 * 4).map(|v| v as f64).collect();
+        let (mut xt, mut back) = (vec![0.0; 60], vec![0.0; 60]);
+        to_pixel_major(&x, (3, 4), 2, 5, &mut xt);
+        from_pixel_major(&xt, (3, 4), 5, &mut back);
+        assert_eq!(back, x[24..84]);
+        // channel 1, pixel 2 of the chunk's image 3
+        assert_eq!(xt[(4 + 2) * 5 + 3], x[((2 + 3) * 3 + 1) * 4 + 2]);
     }
 
     #[test]

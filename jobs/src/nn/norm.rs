@@ -4,12 +4,18 @@
 //! gradients of the per-channel scale and shift over the batch and pixel dimensions, which
 //! candle's CPU reduction does element by element with two integer divisions each. Here
 //! the layer is one custom op ([`GroupNormOp`]): the forward pass computes each group's
-//! mean and variance (accumulated in f64) and writes `(x − μ)/σ · γ + β` in one sweep; the
+//! mean and variance (two sweeps, each in a few independent partial sums of the input's
+//! type, totalled in f64) and writes `(x − μ)/σ · γ + β` in one sweep; the
 //! backward ([`GroupNormBackward`]) recomputes the statistics and gives all three gradients
 //! in two sweeps: `dβ_c = Σ dy`, `dγ_c = Σ dy·x̂`, and
 //! `dx = (γ·dy − mean_g(γ·dy) − x̂·mean_g(γ·dy·x̂)) / σ`. Same parameters (`weight` ones,
 //! `bias` zeros, shapes `[C]`), eps and biased variance as candle's; off the CPU candle's
 //! own layer is used. The gradients have no graph of their own (no second derivatives).
+//!
+//! [`GroupNorm::forward_relu`] fuses the ReLU that follows the norm in the pre-activation
+//! models into the same op: `max(y, 0)` in the forward sweep, and the backward masks `dy`
+//! where `y < 0` (recomputed from the statistics, as candle's `relu` lets the gradient
+//! through where `y ≥ 0`). That spares a tensor and candle's four-op ReLU backward.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +28,8 @@ struct Dims {
     hw: usize,
     groups: usize,
     eps: f64,
+    /// A ReLU follows the norm in the same op.
+    relu: bool,
 }
 
 impl Dims {
@@ -44,6 +52,7 @@ trait Elem:
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
+    + PartialOrd
 {
     fn to_f64(self) -> f64;
     fn from_f64(v: f64) -> Self;
@@ -67,49 +76,112 @@ impl Elem for f64 {
     }
 }
 
-/// `(μ, 1/σ)` of one group's values.
+/// Lanes of the sums below: independent accumulators, so that the loops vectorize and are
+/// not bound by the latency of one long chain of additions.
+const LANES: usize = 8;
+
+/// `(Σ f(x), Σ g(x))` over `x`: [`LANES`] partial sums in `T` (each over a few dozen
+/// values at the layers' sizes), added up in f64.
+#[inline(always)]
+fn lane_sums<T: Elem>(x: &[T], y: &[T], f: impl Fn(T, T) -> (T, T)) -> (f64, f64) {
+    let (mut a, mut b) = ([T::default(); LANES], [T::default(); LANES]);
+    let (mut xs, mut ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    for (cx, cy) in (&mut xs).zip(&mut ys) {
+        for i in 0..LANES {
+            let (u, v) = f(cx[i], cy[i]);
+            a[i] = a[i] + u;
+            b[i] = b[i] + v;
+        }
+    }
+    let (mut sa, mut sb) = (0f64, 0f64);
+    for (u, v) in xs.remainder().iter().zip(ys.remainder()) {
+        let (u, v) = f(*u, *v);
+        sa += u.to_f64();
+        sb += v.to_f64();
+    }
+    for i in 0..LANES {
+        sa += a[i].to_f64();
+        sb += b[i].to_f64();
+    }
+    (sa, sb)
+}
+
+/// `(μ, 1/σ)` of one group's values (the biased variance about the mean, in two sweeps).
 fn stats<T: Elem>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len().max(1) as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = lane_sums(x, x, |v, _| (v, T::default())).0 / n;
+    let m = T::from_f64(mean);
+    let var = lane_sums(x, x, |v, _| {
+        let d = v - m;
+        (d * d, T::default())
+    })
+    .0 / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// A channel's `(scale, shift)`, the forward pass's `y = x·scale + shift` (also used by the
+/// backward to recompute `y` bit for bit for the ReLU's mask).
+fn affine<T: Elem>(gamma: T, beta: T, mean: f64, rstd: f64) -> (T, T) {
+    let scale = gamma.to_f64() * rstd;
+    (
+        T::from_f64(scale),
+        T::from_f64(beta.to_f64() - mean * scale),
+    )
+}
+
 fn forward<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
+    if d.relu {
+        forward_kernel::<T, true>(x, w, bias, d)
+    } else {
+        forward_kernel::<T, false>(x, w, bias, d)
+    }
+}
+
+fn forward_kernel<T: Elem, const RELU: bool>(x: &[T], w: &[T], bias: &[T], d: Dims) -> Vec<T> {
     let mut out = vec![T::default(); d.len()];
     let (gl, cpg) = (d.group_len(), d.c / d.groups);
+    let zero = T::default();
     for (gi, (src, dst)) in x.chunks(gl).zip(out.chunks_mut(gl)).enumerate() {
         let (mean, rstd) = stats(src, d.eps);
         let c0 = (gi % d.groups) * cpg;
         for (ci, (s, o)) in src.chunks(d.hw).zip(dst.chunks_mut(d.hw)).enumerate() {
-            let scale = w[c0 + ci].to_f64() * rstd;
-            let (shift, scale) = (
-                T::from_f64(bias[c0 + ci].to_f64() - mean * scale),
-                T::from_f64(scale),
-            );
+            let (scale, shift) = affine(w[c0 + ci], bias[c0 + ci], mean, rstd);
             for (o, s) in o.iter_mut().zip(s) {
-                *o = *s * scale + shift;
+                let y = *s * scale + shift;
+                *o = if RELU && y < zero { zero } else { y };
             }
         }
     }
     out
 }
 
-/// `[dx (B·C·HW) | dγ (C) | dβ (C)]`.
-fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], d: Dims) -> Vec<T> {
+/// `[dx (B·C·HW) | dγ (C) | dβ (C)]`. `params` is `γ` (`[C]`), or `[γ | β]` (`[2C]`) when
+/// a ReLU follows (its mask needs the forward's `y`).
+fn backward<T: Elem>(x: &[T], params: &[T], dy: &[T], d: Dims) -> Vec<T> {
+    if d.relu {
+        let (w, bias) = params.split_at(d.c);
+        backward_kernel::<T, true>(x, w, bias, dy, d)
+    } else {
+        backward_kernel::<T, false>(x, params, params, dy, d)
+    }
+}
+
+/// [`backward`]; `bias` is read only when `RELU`.
+fn backward_kernel<T: Elem, const RELU: bool>(
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    dy: &[T],
+    d: Dims,
+) -> Vec<T> {
+    let zero = T::default();
     let mut out = vec![T::default(); d.len() + 2 * d.c];
     let (dx, rest) = out.split_at_mut(d.len());
     let mut dw = vec![0f64; d.c];
     let mut db = vec![0f64; d.c];
     let (gl, cpg) = (d.group_len(), d.c / d.groups);
     let n = gl.max(1) as f64;
+    let mut masked = if RELU { vec![zero; gl] } else { Vec::new() };
     for (gi, ((src, g), dst)) in x
         .chunks(gl)
         .zip(dy.chunks(gl))
@@ -119,16 +191,31 @@ fn backward<T: Elem>(x: &[T], w: &[T], dy: &[T], d: Dims) -> Vec<T> {
         let (mean, rstd) = stats(src, d.eps);
         let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
         let c0 = (gi % d.groups) * cpg;
+        // with the ReLU, dy where the forward's y ≥ 0, else 0 (one plain sweep that
+        // vectorizes, rather than a data-dependent branch in the sums)
+        let g = if RELU {
+            for (ci, ((s, g), m)) in src
+                .chunks(d.hw)
+                .zip(g.chunks(d.hw))
+                .zip(masked.chunks_mut(d.hw))
+                .enumerate()
+            {
+                let (scale, shift) = affine(w[c0 + ci], bias[c0 + ci], mean, rstd);
+                let (s, g) = (&s[..m.len()], &g[..m.len()]);
+                for i in 0..m.len() {
+                    let (y, gv) = (s[i] * scale + shift, g[i]);
+                    m[i] = if y < zero { zero } else { gv };
+                }
+            }
+            &masked[..g.len()]
+        } else {
+            g
+        };
         // mean over the group of γ·dy and of γ·dy·x̂
         let (mut m1, mut m2) = (0f64, 0f64);
         for (ci, (s, g)) in src.chunks(d.hw).zip(g.chunks(d.hw)).enumerate() {
             let gamma = w[c0 + ci].to_f64();
-            let (mut sg, mut sgx) = (0f64, 0f64);
-            for (s, g) in s.iter().zip(g) {
-                let xhat = (*s - mean_t) * rstd_t;
-                sg += g.to_f64();
-                sgx += (*g * xhat).to_f64();
-            }
+            let (sg, sgx) = lane_sums(s, g, |s, g| (g, g * ((s - mean_t) * rstd_t)));
             db[c0 + ci] += sg;
             dw[c0 + ci] += sgx;
             m1 += gamma * sg;
@@ -194,13 +281,18 @@ impl CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims;
+        let params = if d.relu {
+            Tensor::cat(&[weight, bias], 0)?
+        } else {
+            weight.clone()
+        };
         let all = x.apply_op3_no_bwd(
-            weight,
+            &params,
             &grad_res.contiguous()?,
             &GroupNormBackward { dims: d },
         )?;
@@ -213,7 +305,7 @@ impl CustomOp3 for GroupNormOp {
 }
 
 /// The gradients of [`GroupNormOp`], `(x, γ, dy) → [dx | dγ | dβ]` flattened into one
-/// vector. Has no backward of its own.
+/// vector (`(x, [γ | β], dy)` with the fused ReLU). Has no backward of its own.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupNormBackward {
     dims: Dims,
@@ -236,7 +328,7 @@ impl CustomOp3 for GroupNormBackward {
         let d = self.dims;
         let out = super::dispatch3(
             self.name(),
-            ["input", "weight", "output gradient"],
+            ["input", "parameters", "output gradient"],
             (s1, l1),
             (s2, l2),
             (s3, l3),
@@ -280,10 +372,16 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    /// `relu(self.forward(x))`, fused into one op on the CPU (see the module docs).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
-            return self.inner.forward(x);
+            let y = self.inner.forward(x)?;
+            return if relu { y.relu() } else { Ok(y) };
         }
         let dims = x.dims();
         if dims.len() < 3 || dims[1] != self.channels {
@@ -299,12 +397,19 @@ impl Module for GroupNorm {
             hw: dims[2..].iter().product(),
             groups: self.groups,
             eps: self.eps,
+            relu,
         };
         x.contiguous()?.apply_op3(
             &self.weight.contiguous()?,
             &self.bias.contiguous()?,
             GroupNormOp { dims: d },
         )
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
     }
 }
 
@@ -348,21 +453,31 @@ mod tests {
                         .unwrap(),
                 )
                 .unwrap();
-                let y1 = ours.forward(x.as_tensor()).unwrap();
-                let y2 = theirs.forward(x.as_tensor()).unwrap();
-                assert!(
-                    crate::nn::max_abs_diff(&y1, &y2) < tol,
-                    "{dtype:?} {b} {c} {h} {groups}"
-                );
-                let r = Tensor::randn(0.0, 1.0, y1.dims(), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                for t in [x.as_tensor(), &ours.weight, &ours.bias] {
-                    let e = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
-                    assert!(e < 10.0 * tol, "{dtype:?} {b} {c} {h} {groups}: {e}");
+                // plain, and with the fused ReLU against candle's norm then relu
+                for relu in [false, true] {
+                    let (y1, y2) = if relu {
+                        (
+                            ours.forward_relu(x.as_tensor()).unwrap(),
+                            theirs.forward(x.as_tensor()).unwrap().relu().unwrap(),
+                        )
+                    } else {
+                        (
+                            ours.forward(x.as_tensor()).unwrap(),
+                            theirs.forward(x.as_tensor()).unwrap(),
+                        )
+                    };
+                    let what = format!("{dtype:?} {b} {c} {h} {groups} relu {relu}");
+                    assert!(crate::nn::max_abs_diff(&y1, &y2) < tol, "{what}");
+                    let r = Tensor::randn(0.0, 1.0, y1.dims(), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    for t in [x.as_tensor(), &ours.weight, &ours.bias] {
+                        let e = crate::nn::max_abs_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+                        assert!(e < 10.0 * tol, "{what}: {e}");
+                    }
                 }
             }
         }

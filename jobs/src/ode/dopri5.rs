@@ -90,6 +90,106 @@ fn scale(y: &Tensor, rtol: f64, atol: f64) -> Result<Tensor> {
     y.detach().abs()?.affine(rtol, atol)
 }
 
+/// The step's error ratio (detached): the RMS of `err / (atol + rtol·max(|y|, |y1|))`
+/// with `err = dt·Σ E_i·k_i`. On the CPU one sweep over the data, with the same
+/// element-wise rounding as the tensor ops it replaces (a dozen tensors and sweeps), which
+/// are used elsewhere.
+fn error_ratio(
+    y: &Tensor,
+    y1: &Tensor,
+    ks: &[Tensor],
+    dt: f64,
+    rtol: f64,
+    atol: f64,
+) -> Result<f64> {
+    match error_ratio_cpu(y, y1, ks, dt, rtol, atol) {
+        Some(r) => Ok(r),
+        None => error_ratio_tensors(y, y1, ks, dt, rtol, atol),
+    }
+}
+
+/// [`error_ratio`] by tensor ops (any device).
+fn error_ratio_tensors(
+    y: &Tensor,
+    y1: &Tensor,
+    ks: &[Tensor],
+    dt: f64,
+    rtol: f64,
+    atol: f64,
+) -> Result<f64> {
+    let detached: Vec<Tensor> = ks.iter().map(Tensor::detach).collect();
+    let zero = y.detach().zeros_like()?;
+    let err = combine(&zero, dt, &E, &detached)?;
+    let tol = y
+        .detach()
+        .abs()?
+        .maximum(&y1.detach().abs()?)?
+        .affine(rtol, atol)?;
+    rms(&err.div(&tol)?)
+}
+
+/// [`error_ratio`] in one sweep, where every tensor is a contiguous f32 or f64 one of the
+/// same size on the CPU (else `None`).
+fn error_ratio_cpu(
+    y: &Tensor,
+    y1: &Tensor,
+    ks: &[Tensor],
+    dt: f64,
+    rtol: f64,
+    atol: f64,
+) -> Option<f64> {
+    use candle_core::{CpuStorage, DType, Storage};
+    let all: Vec<&Tensor> = [y, y1].into_iter().chain(ks).collect();
+    let n = y.elem_count();
+    if ks.len() != E.len()
+        || !matches!(y.dtype(), DType::F32 | DType::F64)
+        || !all.iter().all(|t| {
+            t.device().is_cpu()
+                && t.is_contiguous()
+                && t.dtype() == y.dtype()
+                && t.elem_count() == n
+        })
+    {
+        return None;
+    }
+    let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
+    macro_rules! sweep {
+        ($variant:ident, $t:ty) => {{
+            let mut slices: Vec<&[$t]> = Vec::with_capacity(guards.len());
+            for (storage, layout) in &guards {
+                let (start, end) = layout.contiguous_offsets()?;
+                match &**storage {
+                    Storage::Cpu(CpuStorage::$variant(v)) => slices.push(&v[start..end]),
+                    _ => return None,
+                }
+            }
+            // the terms as `combine` forms them: k·(E_i·dt) rounded, summed in order
+            let terms: Vec<(&[$t], $t)> = E
+                .iter()
+                .zip(&slices[2..])
+                .filter(|(e, _)| **e != 0.0)
+                .map(|(e, k)| (*k, (e * dt) as $t))
+                .collect();
+            let (rt, at) = (rtol as $t, atol as $t);
+            let mut sum = 0f64;
+            for i in 0..n {
+                let mut err: $t = 0.0;
+                for (j, (k, m)) in terms.iter().enumerate() {
+                    err = if j == 0 { k[i] * m } else { err + k[i] * m };
+                }
+                let tol = slices[0][i].abs().max(slices[1][i].abs()) * rt + at;
+                let q = (err / tol) as f64;
+                sum += q * q;
+            }
+            Some((sum / n.max(1) as f64).sqrt())
+        }};
+    }
+    match y.dtype() {
+        DType::F32 => sweep!(F32, f32),
+        _ => sweep!(F64, f64),
+    }
+}
+
 /// Hairer's initial step size (magnitude). Uses one extra evaluation of `f`.
 fn initial_step(
     f: &mut dyn FnMut(f64, &Tensor) -> Result<Tensor>,
@@ -171,22 +271,16 @@ pub fn dopri5(
 
         let mut ks: Vec<Tensor> = Vec::with_capacity(7);
         ks.push(f_y.clone());
+        let mut y1 = y.clone();
         for (i, row) in A.iter().enumerate() {
             let yi = combine(&y, dt, row, &ks)?;
             ks.push(f(t + C[i + 1] * dt, &yi)?);
+            y1 = yi;
         }
         stats.nfe_forward += 6;
-        // Stage 6's input is the 5th-order solution (A's last row equals B).
-        let y1 = combine(&y, dt, &B, &ks[..6])?;
-        let detached: Vec<Tensor> = ks.iter().map(Tensor::detach).collect();
-        let zero = y.detach().zeros_like()?;
-        let err = combine(&zero, dt, &E, &detached)?;
-        let tol = y
-            .detach()
-            .abs()?
-            .maximum(&y1.detach().abs()?)?
-            .affine(opts.rtol, opts.atol)?;
-        let ratio = rms(&err.div(&tol)?)?;
+        // The last stage's input is the 5th-order solution (A's last row equals B): y1.
+        debug_assert_eq!(A[5], &B[..]);
+        let ratio = error_ratio(&y, &y1, &ks, dt, opts.rtol, opts.atol)?;
         if !ratio.is_finite() {
             candle_core::bail!("dopri5: non-finite error estimate at t={t}");
         }
@@ -230,6 +324,35 @@ mod tests {
             .map(|(a, g)| (a * e - g).abs())
             .fold(0.0, f64::max);
         (err, sol.stats)
+    }
+
+    /// The one-sweep error ratio agrees with the tensor ops', in f32 and f64.
+    #[test]
+    fn error_ratio_sweep_matches_the_tensor_ops() {
+        let dev = Device::Cpu;
+        for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+            let t = |s: f64| {
+                Tensor::randn(0f64, s, (4, 3, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (y, y1) = (t(1.0), t(1.0));
+            let ks: Vec<Tensor> = (0..7).map(|_| t(3.0)).collect();
+            let a = error_ratio_cpu(&y, &y1, &ks, 0.13, 1e-3, 1e-4).unwrap();
+            let b = error_ratio_tensors(&y, &y1, &ks, 0.13, 1e-3, 1e-4).unwrap();
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{dtype:?}: {a} {b}");
+            // a non-contiguous stage falls back to the tensor ops
+            let mut ks2 = ks.clone();
+            ks2[3] = ks[3]
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            assert!(error_ratio_cpu(&y, &y1, &ks2, 0.13, 1e-3, 1e-4).is_none());
+        }
     }
 
     #[test]
