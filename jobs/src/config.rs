@@ -256,6 +256,47 @@ pub enum SchemaError {
     BadDefault(ConfigError),
 }
 
+/// The keys every training job has for checkpoints and logs: `checkpoint_every` (default
+/// 200 steps) and `log_every` (default `log_every` steps).
+pub fn checkpoint_keys(log_every: i64) -> [ConfigKey; 2] {
+    [
+        ConfigKey::int(
+            "checkpoint_every",
+            0,
+            1_000_000,
+            200,
+            "save a checkpoint every N steps (0: only at model boundaries)",
+        ),
+        ConfigKey::int(
+            "log_every",
+            1,
+            1_000_000,
+            log_every,
+            "log a training line every N steps",
+        ),
+    ]
+}
+
+/// Checks that data set key `key` is `builtin` (a data set embedded in the binary) or a
+/// data set URL (`file://`, `s3://`, `gs://`, `az://`).
+pub fn check_dataset(config: &ResolvedConfig, key: &str, builtin: &str) -> Result<(), ConfigError> {
+    let value = config.get_str(key)?;
+    let url_ok = ["file://", "s3://", "gs://", "az://"]
+        .iter()
+        .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
+    if value != builtin && !url_ok {
+        return Err(ConfigError::InvalidValue {
+            key: key.into(),
+            value: value.to_string(),
+            reason: format!(
+                "expected {builtin} or a data set URL (file:///abs/path, s3://bucket/prefix, \
+                 gs://..., az://...)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A job's config schema: its presets (the first is the default) and its keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigSchema {
@@ -298,6 +339,20 @@ impl ConfigSchema {
             preset_help: presets.iter().copied().collect(),
             keys,
         })
+    }
+
+    /// The schema of job `job`, built from fixed presets and keys (see
+    /// [`ConfigSchema::new`]). Panics if they are invalid: a bug in the job's code, which
+    /// the registry's tests catch.
+    pub fn fixed(
+        job: &str,
+        presets: &[(&'static str, &'static str)],
+        keys: Vec<ConfigKey>,
+    ) -> Self {
+        match Self::new(presets, keys) {
+            Ok(schema) => schema,
+            Err(e) => panic!("{job} schema is invalid: {e}"),
+        }
     }
 
     /// Preset names; the first is the default.

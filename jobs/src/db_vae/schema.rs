@@ -1,6 +1,8 @@
 //! Config keys and presets of the `db-vae` job, plus the cross-key checks.
 
-use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
+use crate::config::{
+    check_dataset, checkpoint_keys, ConfigError, ConfigKey, ConfigSchema, ResolvedConfig,
+};
 
 /// Which models to train: `both` is the standard CNN (uniform sampling) and the DB-VAE
 /// (adaptive resampling); `all` adds the DB-VAE with uniform sampling (the ablation that
@@ -24,7 +26,7 @@ pub const BUILTIN_NEGATIVES: &str = "builtin:fashion-mnist-12k";
 /// 1% 16.1% (DB-VAE +47). At 8k + 8k, 5 epochs and 1% it was already 88.3% (DB-VAE -3.5):
 /// the DB-VAE's gain shrinks as the baseline approaches the ceiling.
 pub fn schema() -> ConfigSchema {
-    let keys = vec![
+    let mut keys = vec![
         ConfigKey::choice(
             "models",
             MODELS,
@@ -134,22 +136,10 @@ pub fn schema() -> ConfigSchema {
             0,
             "seed of the task, init, sampling and noise",
         ),
-        ConfigKey::int(
-            "checkpoint_every",
-            0,
-            1_000_000,
-            200,
-            "save a checkpoint every N steps (0: only at model boundaries)",
-        ),
-        ConfigKey::int(
-            "log_every",
-            1,
-            1_000_000,
-            50,
-            "log a training line every N steps",
-        ),
     ];
-    match ConfigSchema::new(
+    keys.extend(checkpoint_keys(50));
+    ConfigSchema::fixed(
+        "db-vae",
         &[
             (
                 "quick",
@@ -165,33 +155,12 @@ pub fn schema() -> ConfigSchema {
             ),
         ],
         keys,
-    ) {
-        Ok(schema) => schema,
-        Err(e) => panic!("db-vae schema is invalid: {e}"),
-    }
-}
-
-fn check_source(config: &ResolvedConfig, key: &str, builtin: &str) -> Result<(), ConfigError> {
-    let value = config.get_str(key)?;
-    let url_ok = ["file://", "s3://", "gs://", "az://"]
-        .iter()
-        .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
-    if value != builtin && !url_ok {
-        return Err(ConfigError::InvalidValue {
-            key: key.into(),
-            value: value.to_string(),
-            reason: format!(
-                "expected {builtin} or a data set URL (file:///abs/path, s3://bucket/prefix, \
-                 gs://..., az://...)"
-            ),
-        });
-    }
-    Ok(())
+    )
 }
 
 /// Checks what single-key validation cannot: the data set values.
 pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
-    check_source(config, "positives", BUILTIN_POSITIVES)?;
-    check_source(config, "negatives", BUILTIN_NEGATIVES)?;
+    check_dataset(config, "positives", BUILTIN_POSITIVES)?;
+    check_dataset(config, "negatives", BUILTIN_NEGATIVES)?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Config keys and presets of the `gm-dgm` job, plus the cross-key checks the schema's
 //! per-key types cannot express.
 
-use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
+use crate::config::{
+    check_dataset, checkpoint_keys, ConfigError, ConfigKey, ConfigSchema, ResolvedConfig,
+};
 
 /// Which models to train.
 pub const MODELS: &[&str] = &["both", "m2", "gmdgm"];
@@ -15,7 +17,7 @@ pub const CLASSES: usize = 10;
 /// The job's schema: presets `quick` (default, a few minutes on 2 CPU cores) and `paper`
 /// (the paper's sizes and optimiser).
 pub fn schema() -> ConfigSchema {
-    let keys = vec![
+    let mut keys = vec![
         ConfigKey::choice(
             "models",
             MODELS,
@@ -152,22 +154,10 @@ pub fn schema() -> ConfigSchema {
             0,
             "seed for the label split, init, shuffling, binarisation and sampling",
         ),
-        ConfigKey::int(
-            "checkpoint_every",
-            0,
-            1_000_000,
-            200,
-            "save a checkpoint every N steps (0: only at model boundaries)",
-        ),
-        ConfigKey::int(
-            "log_every",
-            1,
-            1_000_000,
-            20,
-            "log a training line every N steps",
-        ),
     ];
-    match ConfigSchema::new(
+    keys.extend(checkpoint_keys(20));
+    ConfigSchema::fixed(
+        "gm-dgm",
         &[
             (
                 "quick",
@@ -181,10 +171,7 @@ pub fn schema() -> ConfigSchema {
             ),
         ],
         keys,
-    ) {
-        Ok(schema) => schema,
-        Err(e) => panic!("gm-dgm schema is invalid: {e}"),
-    }
+    )
 }
 
 /// Parses `masked_classes` into sorted, distinct class ids; at least one class must stay
@@ -219,19 +206,5 @@ pub fn masked_classes(config: &ResolvedConfig) -> Result<Vec<usize>, ConfigError
 /// Checks what single-key validation cannot: the masked classes and the data set URL.
 pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
     masked_classes(config)?;
-    let dataset = config.get_str("dataset")?;
-    let url_ok = ["file://", "s3://", "gs://", "az://"]
-        .iter()
-        .any(|scheme| dataset.len() > scheme.len() && dataset.starts_with(scheme));
-    if dataset != BUILTIN_FASHION && !url_ok {
-        return Err(ConfigError::InvalidValue {
-            key: "dataset".into(),
-            value: dataset.to_string(),
-            reason: format!(
-                "expected {BUILTIN_FASHION} or a data set URL (file:///abs/path, \
-                 s3://bucket/prefix, gs://..., az://...)"
-            ),
-        });
-    }
-    Ok(())
+    check_dataset(config, "dataset", BUILTIN_FASHION)
 }

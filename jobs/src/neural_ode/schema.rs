@@ -1,7 +1,9 @@
 //! Config keys and presets of the `neural-ode` job, plus the cross-key checks the
 //! schema's per-key types cannot express.
 
-use crate::config::{ConfigError, ConfigKey, ConfigSchema, ResolvedConfig};
+use crate::config::{
+    check_dataset, checkpoint_keys, ConfigError, ConfigKey, ConfigSchema, ResolvedConfig,
+};
 
 /// Experiments this job can run (later issues add `cnf` and `latent-ode`).
 pub const EXPERIMENTS: &[&str] = &["mnist", "cnf", "latent-ode"];
@@ -19,7 +21,7 @@ pub const OPTIMIZERS: &[&str] = &["sgd", "adam"];
 /// The job's schema: presets `quick` (default, a few minutes on 2 CPU cores) and
 /// `paper` (the paper's recipe).
 pub fn schema() -> ConfigSchema {
-    let keys =
+    let mut keys =
         vec![
         ConfigKey::choice("experiment", EXPERIMENTS, "mnist", "which experiment to run"),
         ConfigKey::choice(
@@ -208,23 +210,11 @@ pub fn schema() -> ConfigSchema {
         )
         .preset("quick", 64),
         ConfigKey::int("seed", 0, i64::MAX, 0, "seed for init, shuffling and augmentation"),
-        ConfigKey::int(
-            "checkpoint_every",
-            0,
-            1_000_000,
-            200,
-            "save a checkpoint every N steps (0: only at model boundaries)",
-        ),
-        ConfigKey::int(
-            "log_every",
-            1,
-            1_000_000,
-            10,
-            "log a training line every N steps",
-        ),
     ];
+    keys.extend(checkpoint_keys(10));
     // The schema above is fixed; a bad default is a bug caught by the registry test.
-    match ConfigSchema::new(
+    ConfigSchema::fixed(
+        "neural-ode",
         &[
             (
                 "quick",
@@ -237,10 +227,7 @@ pub fn schema() -> ConfigSchema {
             ),
         ],
         keys,
-    ) {
-        Ok(schema) => schema,
-        Err(e) => panic!("neural-ode schema is invalid: {e}"),
-    }
+    )
 }
 
 /// Parses `lr_milestones` into sorted fractions in (0, 1).
@@ -278,21 +265,7 @@ pub fn check(config: &ResolvedConfig) -> Result<(), ConfigError> {
         });
     }
     milestones(config)?;
-    let dataset = config.get_str("dataset")?;
-    let url_ok = ["file://", "s3://", "gs://", "az://"]
-        .iter()
-        .any(|scheme| dataset.len() > scheme.len() && dataset.starts_with(scheme));
-    if dataset != BUILTIN_MNIST && !url_ok {
-        return Err(ConfigError::InvalidValue {
-            key: "dataset".into(),
-            value: dataset.to_string(),
-            reason: format!(
-                "expected {BUILTIN_MNIST} or a data set URL (file:///abs/path, s3://bucket/prefix, \
-                 gs://..., az://...)"
-            ),
-        });
-    }
-    Ok(())
+    check_dataset(config, "dataset", BUILTIN_MNIST)
 }
 
 /// The `dataset` value of the MNIST-10k subset embedded in the binary.
