@@ -180,6 +180,15 @@ pub fn check_artifact_name(name: &str) -> Result<(), JobError> {
     }
 }
 
+/// Publishes the results `table` of a job: logs its notes, one a line, then hands it to
+/// the context. Only rank 0 should call it.
+pub fn publish_results(ctx: &dyn JobContext, table: &ResultsTable) {
+    for note in &table.notes {
+        ctx.log(note);
+    }
+    ctx.results(table);
+}
+
 /// Describes a device for logs and tables: `cpu`, `cuda:0`, `metal:0`.
 pub fn device_name(device: &candle_core::Device) -> String {
     match device.location() {
@@ -213,3 +222,81 @@ pub trait Job: Send + Sync {
     /// Trains. Reports through `ctx`; returns when done, failed or stopped.
     fn run(&self, config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError>;
 }
+
+/// Declares a paper job: a struct `$job` holding the schema `$schema()` (its `new()` and
+/// `Default`), its most ranks `$job::MAX_RANKS`, and its [`Job`] impl, which checks a
+/// resolved config with `$check` (when resolving and again before running) and runs
+/// `$run(config, ctx)`.
+macro_rules! paper_job {
+    (
+        $(#[$doc:meta])*
+        pub struct $job:ident;
+        name: $name:literal,
+        description: $description:expr,
+        $(#[$ranks_doc:meta])*
+        max_ranks: $max_ranks:expr,
+        schema: $schema:path,
+        check: $check:path,
+        run: $run:path $(,)?
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $job {
+            schema: $crate::config::ConfigSchema,
+        }
+
+        impl $job {
+            $(#[$ranks_doc])*
+            pub const MAX_RANKS: u32 = $max_ranks;
+
+            /// The job with its config schema.
+            pub fn new() -> Self {
+                Self { schema: $schema() }
+            }
+        }
+
+        impl Default for $job {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl $crate::job::Job for $job {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn description(&self) -> &'static str {
+                $description
+            }
+
+            fn schema(&self) -> &$crate::config::ConfigSchema {
+                &self.schema
+            }
+
+            fn max_ranks(&self) -> u32 {
+                Self::MAX_RANKS
+            }
+
+            fn resolve_config(
+                &self,
+                preset: &str,
+                overrides: &std::collections::BTreeMap<String, String>,
+            ) -> Result<$crate::config::ResolvedConfig, $crate::config::ConfigError> {
+                let config = self.schema.resolve(preset, overrides)?;
+                $check(&config)?;
+                Ok(config)
+            }
+
+            fn run(
+                &self,
+                config: &$crate::config::ResolvedConfig,
+                ctx: &dyn $crate::job::JobContext,
+            ) -> Result<(), $crate::job::JobError> {
+                $check(config)?;
+                $run(config, ctx)
+            }
+        }
+    };
+}
+pub(crate) use paper_job;

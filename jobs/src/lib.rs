@@ -25,6 +25,7 @@ pub mod train;
 
 pub use config::{ConfigError, ConfigKey, ConfigKind, ConfigSchema, ResolvedConfig};
 pub use job::{
-    check_artifact_name, device_name, Checkpoint, Claim, Job, JobContext, JobError, ResultsTable,
+    check_artifact_name, device_name, publish_results, Checkpoint, Claim, Job, JobContext,
+    JobError, ResultsTable,
 };
 pub use registry::{registry, Registry};

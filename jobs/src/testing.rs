@@ -351,6 +351,22 @@ pub fn loopback_rings(n: usize, attempt: &str, config: RingConfig) -> Result<Vec
     })
 }
 
+/// The `quick` config of `job` with the overrides `base`, then `extra` (later keys win), for
+/// tests. Panics when it does not resolve.
+pub fn quick_config(
+    job: &dyn crate::job::Job,
+    base: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> crate::config::ResolvedConfig {
+    let overrides: BTreeMap<String, String> = base
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    job.resolve_config("quick", &overrides)
+        .unwrap_or_else(|e| panic!("{}: {e}", job.name()))
+}
+
 /// Config overrides for the ignored `quick_preset` tests: `base` plus the comma-separated
 /// `key=value` pairs of the environment variable `var` (later keys win). Panics on an entry
 /// without `=`, naming the variable.

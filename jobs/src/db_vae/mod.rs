@@ -19,96 +19,49 @@ pub mod resample;
 pub mod schema;
 pub mod train;
 
-use std::collections::BTreeMap;
+use crate::job::paper_job;
 
-use crate::config::{ConfigError, ConfigSchema, ResolvedConfig};
-use crate::job::{Job, JobContext, JobError};
-
-/// The `db-vae` job.
-#[derive(Debug)]
-pub struct DbVaeJob {
-    schema: ConfigSchema,
-}
-
-impl DbVaeJob {
+paper_job! {
+    /// The `db-vae` job.
+    pub struct DbVaeJob;
+    name: "db-vae",
+    description: "DB-VAE (Amini et al. 2019): debiased digit detection with a rare subgroup, MNIST vs \
+        Fashion-MNIST",
     /// Most ranks the job trains on data-parallel.
-    pub const MAX_RANKS: u32 = 32;
-
-    /// The job with its config schema.
-    pub fn new() -> Self {
-        Self {
-            schema: schema::schema(),
-        }
-    }
-}
-
-impl Default for DbVaeJob {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Job for DbVaeJob {
-    fn name(&self) -> &'static str {
-        "db-vae"
-    }
-
-    fn description(&self) -> &'static str {
-        "DB-VAE (Amini et al. 2019): debiased digit detection with a rare subgroup, MNIST vs \
-         Fashion-MNIST"
-    }
-
-    fn schema(&self) -> &ConfigSchema {
-        &self.schema
-    }
-
-    fn max_ranks(&self) -> u32 {
-        Self::MAX_RANKS
-    }
-
-    fn resolve_config(
-        &self,
-        preset: &str,
-        overrides: &BTreeMap<String, String>,
-    ) -> Result<ResolvedConfig, ConfigError> {
-        let config = self.schema.resolve(preset, overrides)?;
-        schema::check(&config)?;
-        Ok(config)
-    }
-
-    fn run(&self, config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
-        schema::check(config)?;
-        train::run(config, ctx)
-    }
+    max_ranks: 32,
+    schema: schema::schema,
+    check: schema::check,
+    run: train::run,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::config::ResolvedConfig;
+    use crate::job::{Job, JobError};
     use crate::testing::MemoryContext;
 
     fn tiny(extra: &[(&str, &str)]) -> ResolvedConfig {
-        let mut o: BTreeMap<String, String> = [
-            ("train_positives", "256"),
-            ("train_negatives", "256"),
-            ("rare_fraction", "0.05"),
-            ("test_per_group", "25"),
-            ("test_negatives", "100"),
-            ("latent_dim", "4"),
-            ("hidden", "32"),
-            ("epochs", "2"),
-            ("batch_size", "32"),
-            ("lr", "0.002"),
-            ("checkpoint_every", "10"),
-            ("log_every", "1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            o.insert(k.to_string(), v.to_string());
-        }
-        DbVaeJob::new().resolve_config("quick", &o).unwrap()
+        crate::testing::quick_config(
+            &DbVaeJob::new(),
+            &[
+                ("train_positives", "256"),
+                ("train_negatives", "256"),
+                ("rare_fraction", "0.05"),
+                ("test_per_group", "25"),
+                ("test_negatives", "100"),
+                ("latent_dim", "4"),
+                ("hidden", "32"),
+                ("epochs", "2"),
+                ("batch_size", "32"),
+                ("lr", "0.002"),
+                ("checkpoint_every", "10"),
+                ("log_every", "1"),
+            ],
+            extra,
+        )
     }
 
     #[test]

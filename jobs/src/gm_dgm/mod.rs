@@ -20,94 +20,47 @@ pub mod models;
 pub mod schema;
 pub mod train;
 
-use std::collections::BTreeMap;
+use crate::job::paper_job;
 
-use crate::config::{ConfigError, ConfigSchema, ResolvedConfig};
-use crate::job::{Job, JobContext, JobError};
-
-/// The `gm-dgm` job.
-#[derive(Debug)]
-pub struct GmDgmJob {
-    schema: ConfigSchema,
-}
-
-impl GmDgmJob {
+paper_job! {
+    /// The `gm-dgm` job.
+    pub struct GmDgmJob;
+    name: "gm-dgm",
+    description: "GM-DGM (Willetts et al.): semi-unsupervised Fashion-MNIST, GM-DGM vs M2",
     /// Most ranks the job trains on data-parallel (the 12k subset's ~9,750 unlabelled
     /// images give each of 16 ranks 6 batches of 100 per epoch).
-    pub const MAX_RANKS: u32 = 16;
-
-    /// The job with its config schema.
-    pub fn new() -> Self {
-        Self {
-            schema: schema::schema(),
-        }
-    }
-}
-
-impl Default for GmDgmJob {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Job for GmDgmJob {
-    fn name(&self) -> &'static str {
-        "gm-dgm"
-    }
-
-    fn description(&self) -> &'static str {
-        "GM-DGM (Willetts et al.): semi-unsupervised Fashion-MNIST, GM-DGM vs M2"
-    }
-
-    fn schema(&self) -> &ConfigSchema {
-        &self.schema
-    }
-
-    fn max_ranks(&self) -> u32 {
-        Self::MAX_RANKS
-    }
-
-    fn resolve_config(
-        &self,
-        preset: &str,
-        overrides: &BTreeMap<String, String>,
-    ) -> Result<ResolvedConfig, ConfigError> {
-        let config = self.schema.resolve(preset, overrides)?;
-        schema::check(&config)?;
-        Ok(config)
-    }
-
-    fn run(&self, config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
-        schema::check(config)?;
-        train::run(config, ctx)
-    }
+    max_ranks: 16,
+    schema: schema::schema,
+    check: schema::check,
+    run: train::run,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::config::ResolvedConfig;
+    use crate::job::{Job, JobError};
     use crate::testing::MemoryContext;
 
     fn tiny(extra: &[(&str, &str)]) -> ResolvedConfig {
-        let mut o: BTreeMap<String, String> = [
-            ("hidden", "32"),
-            ("latent", "4"),
-            ("epochs", "2"),
-            ("batch_size", "32"),
-            ("train_samples", "10000"),
-            ("test_samples", "2000"),
-            ("labelled_fraction", "0.02"),
-            ("lr", "0.003"),
-            ("checkpoint_every", "5"),
-            ("log_every", "10"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            o.insert(k.to_string(), v.to_string());
-        }
-        GmDgmJob::new().resolve_config("quick", &o).unwrap()
+        crate::testing::quick_config(
+            &GmDgmJob::new(),
+            &[
+                ("hidden", "32"),
+                ("latent", "4"),
+                ("epochs", "2"),
+                ("batch_size", "32"),
+                ("train_samples", "10000"),
+                ("test_samples", "2000"),
+                ("labelled_fraction", "0.02"),
+                ("lr", "0.003"),
+                ("checkpoint_every", "5"),
+                ("log_every", "10"),
+            ],
+            extra,
+        )
     }
 
     /// A small config for the tests that only check the plumbing.

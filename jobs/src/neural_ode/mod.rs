@@ -20,100 +20,58 @@ pub mod models;
 pub mod schema;
 pub mod toy2d;
 
-use std::collections::BTreeMap;
+use crate::config::ResolvedConfig;
+use crate::job::{paper_job, JobContext, JobError};
 
-use crate::config::{ConfigError, ConfigSchema, ResolvedConfig};
-use crate::job::{Job, JobContext, JobError};
-
-/// The `neural-ode` job.
-#[derive(Debug)]
-pub struct NeuralOdeJob {
-    schema: ConfigSchema,
-}
-
-impl NeuralOdeJob {
+paper_job! {
+    /// The `neural-ode` job.
+    pub struct NeuralOdeJob;
+    name: "neural-ode",
+    description: "Neural ODEs (Chen et al. 2018): ODE-Net vs ResNet on MNIST-10k",
     /// Most ranks the job trains on data-parallel (a TCP ring or NCCL of up to 32 ranks;
     /// MNIST-10k's 8,000 images give a rank of 32 only 250 per epoch).
-    pub const MAX_RANKS: u32 = 32;
-
-    /// The job with its config schema.
-    pub fn new() -> Self {
-        Self {
-            schema: schema::schema(),
-        }
-    }
+    max_ranks: 32,
+    schema: schema::schema,
+    check: schema::check,
+    run: run,
 }
 
-impl Default for NeuralOdeJob {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Job for NeuralOdeJob {
-    fn name(&self) -> &'static str {
-        "neural-ode"
-    }
-
-    fn description(&self) -> &'static str {
-        "Neural ODEs (Chen et al. 2018): ODE-Net vs ResNet on MNIST-10k"
-    }
-
-    fn schema(&self) -> &ConfigSchema {
-        &self.schema
-    }
-
-    fn max_ranks(&self) -> u32 {
-        Self::MAX_RANKS
-    }
-
-    fn resolve_config(
-        &self,
-        preset: &str,
-        overrides: &BTreeMap<String, String>,
-    ) -> Result<ResolvedConfig, ConfigError> {
-        let config = self.schema.resolve(preset, overrides)?;
-        schema::check(&config)?;
-        Ok(config)
-    }
-
-    fn run(&self, config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
-        schema::check(config)?;
-        match config.get_str("experiment")? {
-            "mnist" => mnist::run(config, ctx),
-            "latent-ode" => latent::run(config, ctx),
-            "cnf" => cnf::run(config, ctx),
-            other => Err(JobError::Other(format!("unknown experiment {other}"))),
-        }
+/// Runs the experiment `config` names.
+fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
+    match config.get_str("experiment")? {
+        "mnist" => mnist::run(config, ctx),
+        "latent-ode" => latent::run(config, ctx),
+        "cnf" => cnf::run(config, ctx),
+        other => Err(JobError::Other(format!("unknown experiment {other}"))),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::job::Job;
     use crate::testing::MemoryContext;
 
     fn tiny(extra: &[(&str, &str)]) -> ResolvedConfig {
-        let mut o: BTreeMap<String, String> = [
-            ("width", "4"),
-            ("groups", "2"),
-            ("epochs", "2"),
-            ("batch_size", "16"),
-            ("train_samples", "64"),
-            ("test_samples", "32"),
-            ("eval_batch_size", "16"),
-            ("rtol", "0.1"),
-            ("atol", "0.1"),
-            ("checkpoint_every", "3"),
-            ("log_every", "1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            o.insert(k.to_string(), v.to_string());
-        }
-        NeuralOdeJob::new().resolve_config("quick", &o).unwrap()
+        crate::testing::quick_config(
+            &NeuralOdeJob::new(),
+            &[
+                ("width", "4"),
+                ("groups", "2"),
+                ("epochs", "2"),
+                ("batch_size", "16"),
+                ("train_samples", "64"),
+                ("test_samples", "32"),
+                ("eval_batch_size", "16"),
+                ("rtol", "0.1"),
+                ("atol", "0.1"),
+                ("checkpoint_every", "3"),
+                ("log_every", "1"),
+            ],
+            extra,
+        )
     }
 
     #[test]
