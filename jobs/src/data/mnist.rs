@@ -151,6 +151,32 @@ pub const MNIST_FILES: [&str; 4] = [
     "t10k-labels-idx1-ubyte",
 ];
 
+/// A data set embedded in the binary, as `(train, test)`.
+pub type Builtin = fn() -> Result<(ImageDataset, ImageDataset), IdxError>;
+
+/// The `(train, test)` sets of a job's data set value `value`: the embedded set `builtins`
+/// names it by, or else the MNIST-format folder the context fetched for the URL `value`
+/// (labels below `classes`; rank 0, `primary`, logs where it is). An error names `value`.
+pub fn load_images(
+    ctx: &dyn crate::job::JobContext,
+    value: &str,
+    builtins: &[(&str, Builtin)],
+    classes: u8,
+    primary: bool,
+) -> Result<(ImageDataset, ImageDataset), crate::job::JobError> {
+    let loaded = match builtins.iter().find(|(name, _)| *name == value) {
+        Some((_, builtin)) => builtin(),
+        None => {
+            let dir = ctx.dataset(value)?;
+            if primary {
+                ctx.log(&format!("data set {value} in {}", dir.display()));
+            }
+            mnist_from_dir(&dir, classes)
+        }
+    };
+    loaded.map_err(|e| crate::job::JobError::Data(format!("{value}: {e}")))
+}
+
 /// Loads an MNIST-format folder (MNIST, Fashion-MNIST, or any set in that layout): the four
 /// files of [`MNIST_FILES`], each plain or gzipped (`.gz`). `classes` bounds the labels.
 pub fn mnist_from_dir(

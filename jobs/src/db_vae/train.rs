@@ -21,7 +21,6 @@
 //! mean sampling weight per subgroup and the histogram plot.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -38,13 +37,15 @@ use super::resample::{draw, effective_sample_size, sampling_weights, uniform, Co
 use super::schema::{BUILTIN_NEGATIVES, BUILTIN_POSITIVES};
 use crate::config::ResolvedConfig;
 use crate::data::{
-    derived_rng, epoch_order, fashion_mnist_12k, make_batch, mnist_10k, mnist_from_dir,
+    derived_rng, epoch_order, fashion_mnist_12k, load_images, make_batch, mnist_10k, Builtin,
     ImageDataset,
 };
-use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
-use crate::train::{count_params, init_pytorch_style, named_vars, DataParallel, Optimizer};
+use crate::job::{device_name, publish_results, Claim, JobContext, JobError, ResultsTable};
+use crate::train::{
+    count_params, finite_loss, forward_order, init_pytorch_style, named_vars, report,
+    restore_training, Cadence, DataParallel, Optimizer, Phase, PhaseState,
+};
 
-const STATE_VERSION: u32 = 1;
 /// Checkpoint tensor holding the current epoch's sampling weights.
 const WEIGHTS_TENSOR: &str = "sampler.weights";
 
@@ -144,30 +145,7 @@ pub struct ModelResult {
 }
 
 /// The job's resumable state, stored as the checkpoint's JSON state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct State {
-    version: u32,
-    /// Index into the model list of the model being trained (or next to train).
-    phase: usize,
-    /// Name of that model.
-    model: String,
-    /// True when the checkpoint holds the weights of a model still training.
-    in_progress: bool,
-    /// Epoch of the next step.
-    epoch: u64,
-    /// Step within `epoch` of the next step.
-    step_in_epoch: u64,
-    /// Steps done so far over all models.
-    global_step: u64,
-    /// Seed of everything random.
-    seed: u64,
-    /// Training seconds spent on the current model so far.
-    phase_seconds: f64,
-    /// Results of finished models.
-    results: Vec<ModelResult>,
-    /// Ranks that trained.
-    world_size: u32,
-}
+type State = PhaseState<ModelResult>;
 
 /// A model being trained.
 enum Net {
@@ -189,28 +167,17 @@ fn resamples(model: &str) -> bool {
     model == "dbvae"
 }
 
-fn ckpt_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Checkpoint(e.to_string())
-}
-
 /// Loads `(train, test)` of a data set value: the embedded set or a folder by URL.
 fn load(
     ctx: &dyn JobContext,
     value: &str,
     primary: bool,
 ) -> Result<(ImageDataset, ImageDataset), JobError> {
-    let loaded = if value == BUILTIN_POSITIVES {
-        mnist_10k()
-    } else if value == BUILTIN_NEGATIVES {
-        fashion_mnist_12k()
-    } else {
-        let dir = ctx.dataset(value)?;
-        if primary {
-            ctx.log(&format!("data set {value} in {}", dir.display()));
-        }
-        mnist_from_dir(&dir, 10)
-    };
-    loaded.map_err(|e| JobError::Data(format!("{value}: {e}")))
+    let builtins: [(&str, Builtin); 2] = [
+        (BUILTIN_POSITIVES, mnist_10k),
+        (BUILTIN_NEGATIVES, fashion_mnist_12k),
+    ];
+    load_images(ctx, value, &builtins, 10, primary)
 }
 
 /// Rank `rank`'s batches of one epoch (indices into the training set): each is
@@ -262,8 +229,8 @@ fn latent_means(
     dp: &mut DataParallel,
 ) -> Result<Vec<f32>, JobError> {
     let k = model.latent();
-    let (rank, world) = (dp.rank(), dp.world_size());
-    let (lo, hi) = (rank * pos.len() / world, (rank + 1) * pos.len() / world);
+    let world = dp.world_size();
+    let std::ops::Range { start: lo, end: hi } = dp.contiguous_shard(pos.len());
     let mut mu = vec![0f32; pos.len() * k];
     for (c, chunk) in pos[lo..hi].chunks(batch.max(1)).enumerate() {
         let (x, _) = make_batch(train, chunk, None, device)?;
@@ -300,8 +267,7 @@ fn evaluate_groups(
     device: &Device,
     dp: &mut DataParallel,
 ) -> Result<GroupEval, JobError> {
-    let (rank, world) = (dp.rank(), dp.world_size());
-    let (lo, hi) = (rank * test.len() / world, (rank + 1) * test.len() / world);
+    let std::ops::Range { start: lo, end: hi } = dp.contiguous_shard(test.len());
     let mut values = [0f64; 11];
     let idx: Vec<usize> = (lo..hi).collect();
     for chunk in idx.chunks(batch.max(1)) {
@@ -383,15 +349,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             .iter()
             .filter(|g| g.positive && g.inverted)
             .count();
-        let parallel = if world > 1 {
-            format!(
-                " x {world} ranks (global batch {}, {} backend)",
-                s.batch_size * world,
-                dp.backend()
-            )
-        } else {
-            String::new()
-        };
+        let parallel = dp.ranks_note(s.batch_size * world);
         ctx.log(&format!(
             "db-vae: preset {}, models {}, {} positives ({rare} inverted) + {} negatives, {} \
              test images, latent {}, alpha {}, {} epochs, batch {}{parallel}, on {}",
@@ -408,47 +366,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         ));
     }
 
-    let mut state = State {
-        version: STATE_VERSION,
-        phase: 0,
-        model: s.models[0].clone(),
-        in_progress: false,
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        seed: s.seed,
-        phase_seconds: 0.0,
-        results: Vec::new(),
-        world_size: world as u32,
-    };
-    let mut restored: Option<BTreeMap<String, Tensor>> = None;
-    if let Some(cp) = ctx.restore_checkpoint(&device)? {
-        let st: State = serde_json::from_value(cp.state.clone()).map_err(ckpt_err)?;
-        if st.version != STATE_VERSION {
-            return Err(ckpt_err(format!(
-                "unsupported state version {}",
-                st.version
-            )));
-        }
-        if st.phase > s.models.len()
-            || (st.phase < s.models.len() && s.models[st.phase] != st.model)
-        {
-            return Err(ckpt_err(format!(
-                "checkpoint is for model {} (phase {}) but this config trains {}",
-                st.model,
-                st.phase,
-                s.models.join("+")
-            )));
-        }
-        if primary {
-            ctx.log(&format!("resumed from checkpoint at step {}", cp.step));
-            ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
-        }
-        if st.in_progress {
-            restored = Some(cp.tensors);
-        }
-        state = st;
-    }
+    let (mut state, mut restored) =
+        State::start_or_resume(ctx, &device, primary, &s.models, s.seed, world)?;
 
     let mut last_weights: Option<Vec<f64>> = None;
     while state.phase < s.models.len() {
@@ -465,17 +384,9 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         if resamples(&result.model) {
             last_weights = Some(weights);
         }
-        state.results.push(result);
-        state.phase += 1;
-        state.in_progress = false;
-        state.epoch = 0;
-        state.step_in_epoch = 0;
-        state.phase_seconds = 0.0;
-        if let Some(next) = s.models.get(state.phase) {
-            state.model = next.clone();
-        }
+        state.finish_phase(result, &s.models);
         if primary {
-            save(ctx, &state, BTreeMap::new(), &[])?;
+            state.save(ctx, BTreeMap::new(), &[])?;
         }
     }
 
@@ -484,10 +395,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             plot_weights(ctx, w, &pos, &data.train_groups);
         }
         let table = results_table(&s, world, &data, &state.results);
-        for note in &table.notes {
-            ctx.log(note);
-        }
-        ctx.results(&table);
+        publish_results(ctx, &table);
     }
     Ok(())
 }
@@ -556,21 +464,6 @@ fn plot_weights(ctx: &dyn JobContext, weights: &[f64], pos: &[usize], groups: &[
     }
 }
 
-fn save(
-    ctx: &dyn JobContext,
-    state: &State,
-    tensors: BTreeMap<String, Tensor>,
-    metrics: &[(&str, f64)],
-) -> Result<(), JobError> {
-    let cp = Checkpoint {
-        step: state.global_step,
-        tensors,
-        state: serde_json::to_value(state).map_err(ckpt_err)?,
-        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-    };
-    ctx.save_checkpoint(&cp)
-}
-
 fn model_tensors(
     vars: &[(String, Var)],
     opt: &Optimizer,
@@ -590,9 +483,7 @@ fn restore_into(
     opt: &mut Optimizer,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<Option<Vec<f64>>, JobError> {
-    crate::train::restore_vars(vars, tensors)?;
-    let opt_state = crate::train::optimizer_state(tensors);
-    opt.load_state(&opt_state).map_err(ckpt_err)?;
+    restore_training(vars, opt, tensors)?;
     match tensors.get(WEIGHTS_TENSOR) {
         Some(t) => Ok(Some(
             t.to_dtype(DType::F64)?
@@ -636,43 +527,20 @@ fn train_model(
         weights = restore_into(&vars, &mut opt, &tensors)?;
     }
     // encoder before decoder: the order of the forward pass
-    let mut dp_vars = vars.clone();
-    dp_vars.sort_by_key(|(n, _)| (!n.starts_with("encoder"), n.clone()));
+    let dp_vars = forward_order(&vars, |n| usize::from(!n.starts_with("encoder")));
     dp.broadcast_params(&dp_vars)?;
-    if !state.in_progress && primary {
-        ctx.log(&format!("training {name}: {params} parameters"));
-    }
-    state.in_progress = true;
-    if primary {
-        ctx.metrics(
-            state.global_step,
-            &[(&format!("{name}/params"), params as f64)],
-        );
-    }
+    state.begin_phase(ctx, primary, params);
 
     let steps_per_epoch =
         epoch_batches(pos, neg, &uniform(pos.len()), s.batch_size, 0, world, 0, 0).len() as u64;
-    if state.world_size != world as u32 {
-        if primary {
-            ctx.log(&format!(
-                "the checkpoint was written by {} rank(s), this attempt runs {world}: resuming \
-                 at epoch {} step {} of {steps_per_epoch}",
-                state.world_size,
-                state.epoch + 1,
-                state.step_in_epoch.min(steps_per_epoch)
-            ));
-        }
-        if state.step_in_epoch >= steps_per_epoch {
-            state.epoch += 1;
-            state.step_in_epoch = 0;
-        }
-        state.world_size = world as u32;
-    }
-    let total_steps = steps_per_epoch * s.epochs;
-    let started = Instant::now();
-    let base_seconds = state.phase_seconds;
-    let mut last_saved = state.global_step;
-    let stage = format!("train {name}");
+    state.adopt_world_size(world, steps_per_epoch, ctx, primary);
+    let cadence = Cadence {
+        epochs: s.epochs,
+        steps_per_epoch,
+        checkpoint_every: s.checkpoint_every,
+        log_every: s.log_every,
+    };
+    let mut phase = Phase::new(ctx, dp, &name, cadence, state);
     let mut current = weights.take().unwrap_or_else(|| uniform(pos.len()));
 
     while state.epoch < s.epochs {
@@ -718,28 +586,8 @@ fn train_model(
             phase_seed,
             state.epoch,
         );
-        let mut loss_sum = 0.0;
-        let mut loss_n = 0usize;
         while state.step_in_epoch < steps_per_epoch {
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            dp.begin_step();
-            if dp.any(ctx.should_stop())? {
-                if primary {
-                    if state.global_step > last_saved {
-                        save(
-                            ctx,
-                            state,
-                            model_tensors(&vars, &opt, &current, device)?,
-                            &[],
-                        )?;
-                    }
-                    ctx.log(&format!(
-                        "stopping at step {} on request",
-                        state.global_step
-                    ));
-                }
-                return Err(JobError::Stopped);
-            }
+            phase.begin_step(state, dp, || model_tensors(&vars, &opt, &current, device))?;
             let idx = &batches[state.step_in_epoch as usize];
             let labels: Vec<u8> = idx.iter().map(|&i| train.labels[i]).collect();
             let (x, _) = make_batch(train, idx, None, device)?;
@@ -774,70 +622,18 @@ fn train_model(
             let mut grads = loss.backward()?;
             dp.all_reduce_grads(&dp_vars, &mut grads)?;
             let m = dp.average_metrics(&local)?;
-            let loss_v = m[0].1;
-            if !loss_v.is_finite() {
-                return Err(JobError::Other(format!(
-                    "{name}: training loss is {loss_v} at step {}; try a lower lr",
-                    state.global_step
-                )));
-            }
+            let loss_v = finite_loss(&name, m[0].1, state.global_step, "; try a lower lr")?;
             opt.step(&grads)?;
-            dp.end_step();
-            loss_sum += loss_v;
-            loss_n += 1;
-            let phase_step = state.epoch * steps_per_epoch + state.step_in_epoch;
-            state.step_in_epoch += 1;
-            state.global_step += 1;
-            if primary {
-                let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                ctx.metrics(state.global_step, &m_ref);
-                ctx.progress(&stage, phase_step + 1, total_steps);
-                if state.global_step.is_multiple_of(s.log_every)
-                    || state.step_in_epoch == steps_per_epoch
-                {
-                    ctx.log(&format!(
-                        "{name} epoch {}/{} step {}/{} loss {loss_v:.4} ({:.1}s)",
-                        state.epoch + 1,
-                        s.epochs,
-                        state.step_in_epoch,
-                        steps_per_epoch,
-                        base_seconds + started.elapsed().as_secs_f64()
-                    ));
-                }
-            }
-            let epoch_done = state.step_in_epoch == steps_per_epoch;
-            if epoch_done {
-                state.epoch += 1;
-                state.step_in_epoch = 0;
-                if primary {
-                    ctx.metrics(
-                        state.global_step,
-                        &[(
-                            &format!("{name}/epoch_train_loss"),
-                            loss_sum / loss_n.max(1) as f64,
-                        )],
-                    );
-                }
-            }
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            if primary
-                && s.checkpoint_every > 0
-                && state.global_step.is_multiple_of(s.checkpoint_every)
-            {
-                save(
-                    ctx,
-                    state,
-                    model_tensors(&vars, &opt, &current, device)?,
-                    &[(&format!("{name}/train_loss"), loss_v)],
-                )?;
-                last_saved = state.global_step;
-            }
+            let epoch_done = phase.end_step(state, dp, loss_v, &m, || format!("loss {loss_v:.4}"));
+            phase.checkpoint_if_due(state, loss_v, || {
+                model_tensors(&vars, &opt, &current, device)
+            })?;
             if epoch_done {
                 break;
             }
         }
     }
-    let train_seconds = base_seconds + started.elapsed().as_secs_f64();
+    let train_seconds = phase.seconds();
 
     let ev = evaluate_groups(
         &net,
@@ -882,8 +678,7 @@ fn train_model(
                 *r,
             ));
         }
-        let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        ctx.metrics(state.global_step, &m_ref);
+        report(ctx, state.global_step, &m);
         ctx.log(&format!(
             "{name} done: overall accuracy {:.2}%, rare-subgroup recall {:.2}%, {:.1}s training",
             100.0 * result.overall_acc,

@@ -11,7 +11,6 @@
 //! the ranks' contiguous shards.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -25,12 +24,14 @@ use super::models::{class_prior, init_params, normal_noise, Dims, Kind, SemiVae}
 use super::schema::{masked_classes, BUILTIN_FASHION, CLASSES};
 use crate::config::ResolvedConfig;
 use crate::data::{
-    batches, derived_rng, epoch_order, fashion_mnist_12k, mnist_from_dir, ImageDataset,
+    batches, derived_rng, epoch_order, fashion_mnist_12k, load_images, Builtin, ImageDataset,
 };
-use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
-use crate::train::{checkpoint_tensors, count_params, named_vars, Adam, DataParallel};
+use crate::job::{device_name, publish_results, Claim, JobContext, JobError, ResultsTable};
+use crate::train::{
+    checkpoint_tensors, count_params, finite_loss, named_vars, report, restore_training, Adam,
+    Cadence, DataParallel, Optimizer, Phase, PhaseState, Tensors,
+};
 
-const STATE_VERSION: u32 = 1;
 /// Fashion-MNIST class names, by id.
 pub const CLASS_NAMES: [&str; CLASSES] = [
     "T-shirt/top",
@@ -269,34 +270,7 @@ pub struct ModelResult {
 }
 
 /// The job's resumable state, stored as the checkpoint's JSON state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct State {
-    version: u32,
-    /// Index into the model list of the model being trained (or next to train).
-    phase: usize,
-    /// Name of that model.
-    model: String,
-    /// True when the checkpoint holds the weights of a model still training.
-    in_progress: bool,
-    /// Epoch of the next step.
-    epoch: u64,
-    /// Step within `epoch` of the next step.
-    step_in_epoch: u64,
-    /// Steps done so far over all models.
-    global_step: u64,
-    /// Seed of everything random.
-    seed: u64,
-    /// Training seconds spent on the current model so far.
-    phase_seconds: f64,
-    /// Results of finished models.
-    results: Vec<ModelResult>,
-    /// Ranks that trained (epoch and step count steps of their global batch).
-    world_size: u32,
-}
-
-fn ckpt_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Checkpoint(e.to_string())
-}
+type State = PhaseState<ModelResult>;
 
 /// Runs the semi-unsupervised Fashion-MNIST experiment.
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
@@ -304,16 +278,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     let device = ctx.device()?;
     let mut dp = DataParallel::from_context(ctx, &device)?;
     let primary = dp.is_primary();
-    let (train_all, test_all) = if s.dataset == BUILTIN_FASHION {
-        fashion_mnist_12k()
-    } else {
-        let dir = ctx.dataset(&s.dataset)?;
-        if primary {
-            ctx.log(&format!("data set {} in {}", s.dataset, dir.display()));
-        }
-        mnist_from_dir(&dir, CLASSES as u8)
-    }
-    .map_err(|e| JobError::Data(format!("{}: {e}", s.dataset)))?;
+    let builtin: [(&str, Builtin); 1] = [(BUILTIN_FASHION, fashion_mnist_12k)];
+    let (train_all, test_all) = load_images(ctx, &s.dataset, &builtin, CLASSES as u8, primary)?;
     let data = Data::prepare(
         &train_all.take(s.train_samples),
         &test_all.take(s.test_samples),
@@ -330,16 +296,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     }
     let world = dp.world_size();
     if primary {
-        let parallel = if world > 1 {
-            format!(
-                " x {world} ranks (global batch {}+{}, {} backend)",
-                s.batch_size * world,
-                s.batch_size * world,
-                dp.backend()
-            )
-        } else {
-            String::new()
-        };
+        let global = s.batch_size * world;
+        let parallel = dp.ranks_note(format!("{global}+{global}"));
         ctx.log(&format!(
             "gm-dgm: preset {}, models {}, {} train images ({} labelled, {:.1}% of classes {}; \
              classes {} masked) / {} test, {} of {} pixels kept, n_y {}, n_h {}, n_z {}, {} \
@@ -376,54 +334,9 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         ));
     }
 
-    let mut state = State {
-        version: STATE_VERSION,
-        phase: 0,
-        model: s.models[0].name().to_string(),
-        in_progress: false,
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        seed: s.seed,
-        phase_seconds: 0.0,
-        results: Vec::new(),
-        world_size: world as u32,
-    };
-    let mut restored: Option<BTreeMap<String, Tensor>> = None;
-    if let Some(cp) = ctx.restore_checkpoint(&device)? {
-        let st: State = serde_json::from_value(cp.state.clone()).map_err(ckpt_err)?;
-        if st.version != STATE_VERSION {
-            return Err(ckpt_err(format!(
-                "unsupported state version {}",
-                st.version
-            )));
-        }
-        if st.phase > s.models.len()
-            || (st.phase < s.models.len() && s.models[st.phase].name() != st.model)
-        {
-            return Err(ckpt_err(format!(
-                "checkpoint is for model {} (phase {}) but this config trains {}",
-                st.model,
-                st.phase,
-                s.models
-                    .iter()
-                    .map(|k| k.name())
-                    .collect::<Vec<_>>()
-                    .join("+")
-            )));
-        }
-        if primary {
-            let msg = format!("resumed from checkpoint at step {}", cp.step);
-            tracing::info!("{msg}");
-            ctx.log(&msg);
-            ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
-        }
-        if st.in_progress {
-            restored = Some(cp.tensors);
-        }
-        state = st;
-    }
-
+    let names: Vec<&str> = s.models.iter().map(|k| k.name()).collect();
+    let (mut state, mut restored) =
+        State::start_or_resume(ctx, &device, primary, &names, s.seed, world)?;
     while state.phase < s.models.len() {
         let kind = s.models[state.phase];
         let result = train_model(
@@ -436,26 +349,15 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             ctx,
             &mut dp,
         )?;
-        state.results.push(result);
-        state.phase += 1;
-        state.in_progress = false;
-        state.epoch = 0;
-        state.step_in_epoch = 0;
-        state.phase_seconds = 0.0;
-        if let Some(next) = s.models.get(state.phase) {
-            state.model = next.name().to_string();
-        }
+        state.finish_phase(result, &names);
         if primary {
-            save(ctx, &state, BTreeMap::new(), &[])?;
+            state.save(ctx, BTreeMap::new(), &[])?;
         }
     }
 
     if primary {
         let table = results_table(&s, &data, world, &state.results);
-        for note in &table.notes {
-            ctx.log(note);
-        }
-        ctx.results(&table);
+        publish_results(ctx, &table);
         let json = serde_json::json!({
             "config": config.to_json_value(),
             "labelled_images": data.labelled.len(),
@@ -479,33 +381,15 @@ fn labelled_classes(masked: &[usize]) -> Vec<usize> {
     (0..CLASSES).filter(|c| !masked.contains(c)).collect()
 }
 
-fn save(
-    ctx: &dyn JobContext,
-    state: &State,
-    tensors: BTreeMap<String, Tensor>,
-    metrics: &[(&str, f64)],
-) -> Result<(), JobError> {
-    let cp = Checkpoint {
-        step: state.global_step,
-        tensors,
-        state: serde_json::to_value(state).map_err(ckpt_err)?,
-        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-    };
-    ctx.save_checkpoint(&cp)
-}
-
 /// `vars` in the order the forward pass uses them (classifier, encoder, prior, decoder),
 /// so [`DataParallel`] fills its gradient buckets from the decoder back.
 fn forward_order(vars: &[(String, Var)]) -> Vec<(String, Var)> {
-    let stage = |name: &str| match name.split('.').next() {
+    crate::train::forward_order(vars, |name| match name.split('.').next() {
         Some("cls") => 0,
         Some("enc") => 1,
         Some("prior") => 2,
         _ => 3,
-    };
-    let mut out = vars.to_vec();
-    out.sort_by(|a, b| (stage(&a.0), &a.0).cmp(&(stage(&b.0), &b.0)));
-    out
+    })
 }
 
 /// The test confusion matrix (`n_y × classes`) and the summed test bound, over the ranks'
@@ -518,9 +402,9 @@ fn evaluate_sharded(
     dp: &mut DataParallel,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<(Vec<Vec<f64>>, f64), JobError> {
-    let (rank, world) = (dp.rank(), dp.world_size());
+    let world = dp.world_size();
     let m = data.test_len();
-    let (start, end) = (rank * m / world, (rank + 1) * m / world);
+    let std::ops::Range { start, end } = dp.contiguous_shard(m);
     let d = model.dims();
     let mut confusion = vec![vec![0.0f64; CLASSES]; d.y];
     let mut elbo_sum = 0.0f64;
@@ -597,24 +481,13 @@ fn train_model(
         .filter(|(n, _)| n.ends_with(".weight"))
         .map(|(_, v)| v.as_tensor().clone())
         .collect();
-    let mut opt = Adam::new(vars.clone(), s.lr, 0.0);
+    let mut opt = Optimizer::Adam(Adam::new(vars.clone(), s.lr, 0.0));
     if let Some(tensors) = restored {
-        crate::train::restore_vars(&vars, &tensors)?;
-        let opt_state = crate::train::optimizer_state(&tensors);
-        opt.load_state(&opt_state).map_err(ckpt_err)?;
+        restore_training(&vars, &mut opt, &tensors)?;
     }
     let dp_vars = forward_order(&vars);
     dp.broadcast_params(&dp_vars)?;
-    if !state.in_progress && primary {
-        ctx.log(&format!("training {name}: {params} parameters"));
-    }
-    state.in_progress = true;
-    if primary {
-        ctx.metrics(
-            state.global_step,
-            &[(&format!("{name}/params"), params as f64)],
-        );
-    }
+    state.begin_phase(ctx, primary, params);
 
     let n_train = data.train_len() as f64;
     let alpha = if s.alpha_scaled {
@@ -624,28 +497,18 @@ fn train_model(
     };
     let shard0 = dp.shard(&epoch_order(data.unlabelled.len(), phase_seed, 0));
     let steps_per_epoch = batches(&shard0, s.batch_size, true).len() as u64;
-    if state.world_size != world as u32 {
-        if primary {
-            ctx.log(&format!(
-                "the checkpoint was written by {} rank(s), this attempt runs {world}: resuming \
-                 at epoch {} step {} of {steps_per_epoch}",
-                state.world_size,
-                state.epoch + 1,
-                state.step_in_epoch.min(steps_per_epoch)
-            ));
-        }
-        if state.step_in_epoch >= steps_per_epoch {
-            state.epoch += 1;
-            state.step_in_epoch = 0;
-        }
-        state.world_size = world as u32;
-    }
-    let total_steps = steps_per_epoch * s.epochs;
-    let started = Instant::now();
-    let base_seconds = state.phase_seconds;
-    let mut last_saved = state.global_step;
-    let stage = format!("train {name}");
+    state.adopt_world_size(world, steps_per_epoch, ctx, primary);
+    let cadence = Cadence {
+        epochs: s.epochs,
+        steps_per_epoch,
+        checkpoint_every: s.checkpoint_every,
+        log_every: s.log_every,
+    };
+    let mut phase = Phase::new(ctx, dp, name, cadence, state);
     let labelled_seed = phase_seed ^ 0x4c41_4245_4c4c_4544;
+    let tensors = |opt: &Optimizer| -> Result<Tensors, JobError> {
+        Ok(checkpoint_tensors(&vars, opt.state_tensors()?))
+    };
 
     while state.epoch < s.epochs {
         let order = dp.shard(&epoch_order(data.unlabelled.len(), phase_seed, state.epoch));
@@ -656,29 +519,9 @@ fn train_model(
             state.epoch,
         ));
         let lr = s.lr_at(state.epoch);
-        opt.lr = lr;
-        let mut loss_sum = 0.0;
-        let mut loss_n = 0usize;
+        opt.set_lr(lr);
         while state.step_in_epoch < steps_per_epoch {
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            dp.begin_step();
-            if dp.any(ctx.should_stop())? {
-                if primary {
-                    if state.global_step > last_saved {
-                        save(
-                            ctx,
-                            state,
-                            checkpoint_tensors(&vars, opt.state_tensors()?),
-                            &[],
-                        )?;
-                    }
-                    ctx.log(&format!(
-                        "stopping at step {} on request",
-                        state.global_step
-                    ));
-                }
-                return Err(JobError::Stopped);
-            }
+            phase.begin_step(state, dp, || tensors(&opt))?;
             let step = state.step_in_epoch;
             let u_idx: Vec<usize> = epoch_batches[step as usize]
                 .iter()
@@ -733,100 +576,46 @@ fn train_model(
                     scalar(&losses.classifier_nll)?,
                 ),
             ])?;
-            let loss_v = m[0].1;
-            if !loss_v.is_finite() {
-                return Err(JobError::Other(format!(
-                    "{name}: training loss is {loss_v} at step {} (lr {lr}); try a lower lr",
-                    state.global_step
-                )));
-            }
+            let hint = format!(" (lr {lr}); try a lower lr");
+            let loss_v = finite_loss(name, m[0].1, state.global_step, &hint)?;
             opt.step(&grads)?;
-            dp.end_step();
-            loss_sum += loss_v;
-            loss_n += 1;
-            state.step_in_epoch += 1;
-            state.global_step += 1;
             m.push((format!("{name}/lr"), lr));
-            let phase_step = state.epoch * steps_per_epoch + state.step_in_epoch;
-            if primary {
-                let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                ctx.metrics(state.global_step, &m_ref);
-                ctx.progress(&stage, phase_step, total_steps);
-                if state.global_step.is_multiple_of(s.log_every)
-                    || state.step_in_epoch == steps_per_epoch
-                {
+            let epoch_done = phase.end_step(state, dp, loss_v, &m, || {
+                format!(
+                    "loss {loss_v:.2} (L {:.2}, U {:.2}, -log q(y|x) {:.3}) lr {lr:.1e}",
+                    m[1].1, m[2].1, m[3].1
+                )
+            });
+            if epoch_done && s.eval_each_epoch && state.epoch < s.epochs {
+                let (confusion, elbo) = evaluate_sharded(&model, data, s, device, dp, |_, _| {})?;
+                if primary {
+                    let naming = hungarian_naming(&confusion, &s.masked)?;
+                    let sc = score(&confusion, &naming, &s.masked);
+                    ctx.metrics(
+                        state.global_step,
+                        &[
+                            (&format!("{name}/test_acc"), sc.accuracy),
+                            (&format!("{name}/test_elbo"), elbo),
+                        ],
+                    );
                     ctx.log(&format!(
-                        "{name} epoch {}/{} step {}/{} loss {:.2} (L {:.2}, U {:.2}, -log q(y|x) \
-                         {:.3}) lr {lr:.1e} ({:.1}s)",
-                        state.epoch + 1,
-                        s.epochs,
-                        state.step_in_epoch,
-                        steps_per_epoch,
-                        loss_v,
-                        m[1].1,
-                        m[2].1,
-                        m[3].1,
-                        base_seconds + started.elapsed().as_secs_f64()
+                        "{name} epoch {} test accuracy {:.2}% (labelled classes {:.2}%, masked \
+                         {:.2}%), test ELBO {elbo:.1}, test points per component {}",
+                        state.epoch,
+                        100.0 * sc.accuracy,
+                        100.0 * sc.labelled_accuracy,
+                        100.0 * sc.masked_accuracy,
+                        component_histogram(&confusion)
                     ));
                 }
             }
-            if state.step_in_epoch == steps_per_epoch {
-                state.epoch += 1;
-                state.step_in_epoch = 0;
-                if primary {
-                    ctx.metrics(
-                        state.global_step,
-                        &[(
-                            &format!("{name}/epoch_train_loss"),
-                            loss_sum / loss_n.max(1) as f64,
-                        )],
-                    );
-                }
-                if s.eval_each_epoch && state.epoch < s.epochs {
-                    let (confusion, elbo) =
-                        evaluate_sharded(&model, data, s, device, dp, |_, _| {})?;
-                    if primary {
-                        let naming = hungarian_naming(&confusion, &s.masked)?;
-                        let sc = score(&confusion, &naming, &s.masked);
-                        ctx.metrics(
-                            state.global_step,
-                            &[
-                                (&format!("{name}/test_acc"), sc.accuracy),
-                                (&format!("{name}/test_elbo"), elbo),
-                            ],
-                        );
-                        ctx.log(&format!(
-                            "{name} epoch {} test accuracy {:.2}% (labelled classes {:.2}%, \
-                             masked {:.2}%), test ELBO {elbo:.1}, test points per component \
-                             {}",
-                            state.epoch,
-                            100.0 * sc.accuracy,
-                            100.0 * sc.labelled_accuracy,
-                            100.0 * sc.masked_accuracy,
-                            component_histogram(&confusion)
-                        ));
-                    }
-                }
-            }
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            if primary
-                && s.checkpoint_every > 0
-                && state.global_step.is_multiple_of(s.checkpoint_every)
-            {
-                save(
-                    ctx,
-                    state,
-                    checkpoint_tensors(&vars, opt.state_tensors()?),
-                    &[(&format!("{name}/train_loss"), loss_v)],
-                )?;
-                last_saved = state.global_step;
-            }
-            if state.step_in_epoch == 0 {
+            phase.checkpoint_if_due(state, loss_v, || tensors(&opt))?;
+            if epoch_done {
                 break;
             }
         }
     }
-    let train_seconds = base_seconds + started.elapsed().as_secs_f64();
+    let train_seconds = phase.seconds();
 
     let eval_stage = format!("evaluate {name}");
     let (confusion, test_elbo) = evaluate_sharded(&model, data, s, device, dp, |done, total| {
@@ -868,8 +657,7 @@ fn train_model(
             (format!("{name}/test_elbo"), test_elbo),
             (format!("{name}/train_seconds"), train_seconds),
         ];
-        let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        ctx.metrics(state.global_step, &m_ref);
+        report(ctx, state.global_step, &m);
         ctx.log(&format!(
             "{name} done: test accuracy {:.2}% (labelled classes {:.2}%, masked {:.2}%; majority \
              naming {:.2}%), {} of {} components used (test points per component {}), test \

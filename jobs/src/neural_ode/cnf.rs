@@ -30,7 +30,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -38,11 +38,12 @@ use serde::{Deserialize, Serialize};
 use super::toy2d::{to_tensor, Density};
 use crate::config::ResolvedConfig;
 use crate::data::derived_rng;
-use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
+use crate::job::{device_name, publish_results, Claim, JobContext, JobError, ResultsTable};
 use crate::ode::{dopri5, Dopri5Options, SolveStats};
 use crate::plot::{Color, Colormap, Figure, Grid};
 use crate::train::{
-    checkpoint_tensors, count_params, init_pytorch_style, named_vars, DataParallel, Optimizer,
+    checkpoint_tensors, count_params, finite_loss, init_pytorch_style, load_state, named_vars,
+    report, restore_training, save_state, stop_if_asked, DataParallel, Optimizer,
 };
 
 const STATE_VERSION: u32 = 1;
@@ -386,10 +387,6 @@ fn phase_name(p: (Density, ModelKind)) -> String {
     format!("{}/{}", p.0.name(), p.1.name())
 }
 
-fn ckpt_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Checkpoint(e.to_string())
-}
-
 /// Runs the CNF experiment.
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
     let s = Settings::from_config(config)?;
@@ -439,17 +436,11 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     };
     let mut restored = None;
     if let Some(cp) = ctx.restore_checkpoint(&device)? {
-        let st: State = serde_json::from_value(cp.state.clone()).map_err(ckpt_err)?;
-        if st.version != STATE_VERSION {
-            return Err(ckpt_err(format!(
-                "unsupported state version {}",
-                st.version
-            )));
-        }
+        let st: State = load_state(&cp, STATE_VERSION)?;
         if st.phase > phases.len()
             || (st.phase < phases.len() && phase_name(phases[st.phase]) != st.phase_name)
         {
-            return Err(ckpt_err(format!(
+            return Err(JobError::Checkpoint(format!(
                 "checkpoint is for phase {} ({}) but this config trains {} phases starting with {}",
                 st.phase,
                 st.phase_name,
@@ -500,10 +491,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     }
     if primary {
         let table = results_table(&s, world, &state.results);
-        for note in &table.notes {
-            ctx.log(note);
-        }
-        ctx.results(&table);
+        publish_results(ctx, &table);
     }
     Ok(())
 }
@@ -514,23 +502,7 @@ fn save(
     tensors: BTreeMap<String, Tensor>,
     metrics: &[(&str, f64)],
 ) -> Result<(), JobError> {
-    let cp = Checkpoint {
-        step: state.global_step,
-        tensors,
-        state: serde_json::to_value(state).map_err(ckpt_err)?,
-        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-    };
-    ctx.save_checkpoint(&cp)
-}
-
-fn restore(
-    vars: &[(String, Var)],
-    opt: &mut Optimizer,
-    tensors: &BTreeMap<String, Tensor>,
-) -> Result<(), JobError> {
-    crate::train::restore_vars(vars, tensors)?;
-    let opt_state = crate::train::optimizer_state(tensors);
-    opt.load_state(&opt_state).map_err(ckpt_err)
+    save_state(ctx, state.global_step, state, tensors, metrics)
 }
 
 fn build_model(
@@ -573,7 +545,7 @@ fn train_phase(
     let params = count_params(&varmap);
     let mut opt = Optimizer::by_name("adam", vars.clone(), s.lr, 0.0, 0.0)?;
     if let Some(tensors) = restored {
-        restore(&vars, &mut opt, &tensors)?;
+        restore_training(&vars, &mut opt, &tensors)?;
     }
     dp.broadcast_params(&vars)?;
     if primary && !state.in_progress {
@@ -594,23 +566,15 @@ fn train_phase(
     while state.step < s.iterations {
         state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
         dp.begin_step();
-        if dp.any(ctx.should_stop())? {
-            if primary {
-                if state.global_step > last_saved {
-                    save(
-                        ctx,
-                        state,
-                        checkpoint_tensors(&vars, opt.state_tensors()?),
-                        &[],
-                    )?;
-                }
-                ctx.log(&format!(
-                    "stopping at step {} on request",
-                    state.global_step
-                ));
-            }
-            return Err(JobError::Stopped);
-        }
+        let unsaved = state.global_step > last_saved;
+        stop_if_asked(ctx, dp, state.global_step, unsaved, || {
+            save(
+                ctx,
+                state,
+                checkpoint_tensors(&vars, opt.state_tensors()?),
+                &[],
+            )
+        })?;
         let mut rng = derived_rng(phase_seed, batch_stream, state.step, 0);
         let x = to_tensor(&density.sample(s.batch_size, &mut rng), device)?;
         let loss = model.log_prob(&x)?.mean_all()?.neg()?;
@@ -621,13 +585,7 @@ fn train_phase(
             local.push((format!("{tag}/nfe_forward"), st.nfe_forward as f64));
         }
         let m = dp.average_metrics(&local)?;
-        let loss_v = m[0].1;
-        if !loss_v.is_finite() {
-            return Err(JobError::Other(format!(
-                "{tag}: training loss is {loss_v} at step {}; try a lower cnf_lr",
-                state.step
-            )));
-        }
+        let loss_v = finite_loss(&tag, m[0].1, state.step, "; try a lower cnf_lr")?;
         opt.step(&grads)?;
         dp.end_step();
         if state.step >= tail_from {
@@ -637,8 +595,7 @@ fn train_phase(
         state.step += 1;
         state.global_step += 1;
         if primary {
-            let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            ctx.metrics(state.global_step, &m_ref);
+            report(ctx, state.global_step, &m);
             ctx.progress(&stage, state.step, s.iterations);
             if state.step.is_multiple_of(s.log_every) || state.step == s.iterations {
                 let nfe = m
@@ -673,8 +630,7 @@ fn train_phase(
         s.test_samples,
         &mut derived_rng(s.seed, TEST_STREAM, density.index() as u64, 0),
     );
-    let (rank, world) = (dp.rank(), dp.world_size());
-    let shard = &test[rank * test.len() / world..(rank + 1) * test.len() / world];
+    let shard = &test[dp.contiguous_shard(test.len())];
     let (mut sum, mut nfe_sum, mut solves) = (0.0, 0.0, 0.0);
     let eval_stage = format!("evaluate {} {}", kind.name(), density.name());
     let chunks = shard.len().div_ceil(EVAL_CHUNK);
@@ -902,6 +858,7 @@ fn results_table(s: &Settings, world: usize, results: &[PhaseResult]) -> Results
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
 
     fn tiny_cnf(width: usize) -> (Cnf, VarMap) {
         let varmap = VarMap::new();
@@ -1054,32 +1011,26 @@ mod tests {
     }
 
     fn tiny_job_config(extra: &[(&str, &str)]) -> ResolvedConfig {
-        use crate::job::Job;
-        let mut o: BTreeMap<String, String> = [
-            ("experiment", "cnf"),
-            ("cnf_density", "circles"),
-            ("cnf_width", "8"),
-            ("cnf_hidden", "8"),
-            ("cnf_planar_layers", "4"),
-            ("cnf_iterations", "30"),
-            ("cnf_batch_size", "64"),
-            ("cnf_lr", "0.02"),
-            ("cnf_tol", "0.01"),
-            ("cnf_t1", "1"),
-            ("cnf_test_samples", "300"),
-            ("cnf_grid", "16"),
-            ("checkpoint_every", "10"),
-            ("log_every", "10"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            o.insert(k.to_string(), v.to_string());
-        }
-        super::super::NeuralOdeJob::new()
-            .resolve_config("quick", &o)
-            .unwrap()
+        crate::testing::quick_config(
+            &super::super::NeuralOdeJob::new(),
+            &[
+                ("experiment", "cnf"),
+                ("cnf_density", "circles"),
+                ("cnf_width", "8"),
+                ("cnf_hidden", "8"),
+                ("cnf_planar_layers", "4"),
+                ("cnf_iterations", "30"),
+                ("cnf_batch_size", "64"),
+                ("cnf_lr", "0.02"),
+                ("cnf_tol", "0.01"),
+                ("cnf_t1", "1"),
+                ("cnf_test_samples", "300"),
+                ("cnf_grid", "16"),
+                ("checkpoint_every", "10"),
+                ("log_every", "10"),
+            ],
+            extra,
+        )
     }
 
     #[test]

@@ -22,8 +22,6 @@
 //! a few test spirals at the smallest observation count, each with the truth, the
 //! observations, and both models' reconstruction and extrapolation.
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::{Rng, RngCore};
@@ -31,10 +29,13 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::ResolvedConfig;
 use crate::data::derived_rng;
-use crate::job::{Checkpoint, Claim, JobContext, JobError, ResultsTable};
+use crate::job::{publish_results, Claim, JobContext, JobError, ResultsTable};
 use crate::ode::Solver;
 use crate::plot::{Color, Figure};
-use crate::train::{init_pytorch_style, named_vars, DataParallel, Optimizer};
+use crate::train::{
+    checkpoint_tensors, init_pytorch_style, load_state, named_vars, restore_training, save_state,
+    DataParallel, Optimizer,
+};
 
 /// Points in the observation window.
 pub const WINDOW: usize = 100;
@@ -437,10 +438,6 @@ pub(super) fn make_batch(
     })
 }
 
-fn ckpt_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Checkpoint(e.to_string())
-}
-
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct State {
     version: u32,
@@ -598,16 +595,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         seed: s.seed,
     };
     if let Some(cp) = ctx.restore_checkpoint(&device)? {
-        let st: State = serde_json::from_value(cp.state.clone()).map_err(ckpt_err)?;
-        if st.version != STATE_VERSION {
-            return Err(ckpt_err(format!(
-                "unsupported state version {}",
-                st.version
-            )));
-        }
-        crate::train::restore_vars(&vars, &cp.tensors)?;
-        let opt_state = crate::train::optimizer_state(&cp.tensors);
-        opt.load_state(&opt_state).map_err(ckpt_err)?;
+        let st: State = load_state(&cp, STATE_VERSION)?;
+        restore_training(&vars, &mut opt, &cp.tensors)?;
         if primary {
             ctx.log(&format!("resumed from checkpoint at step {}", cp.step));
             ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
@@ -616,13 +605,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     }
     dp.broadcast_params(&vars)?;
     let save = |state: &State, opt: &Optimizer| -> Result<(), JobError> {
-        let tensors = crate::train::checkpoint_tensors(&vars, opt.state_tensors()?);
-        ctx.save_checkpoint(&Checkpoint {
-            step: state.step,
-            tensors,
-            state: serde_json::to_value(state).map_err(ckpt_err)?,
-            metrics: BTreeMap::new(),
-        })
+        let tensors = checkpoint_tensors(&vars, opt.state_tensors()?);
+        save_state(ctx, state.step, state, tensors, &[])
     };
     let subsets: Vec<Vec<Vec<usize>>> = N_OBS
         .iter()
@@ -793,10 +777,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             ],
             claims,
         };
-        for note in &table.notes {
-            ctx.log(note);
-        }
-        ctx.results(&table);
+        publish_results(ctx, &table);
         save_plot(N_OBS[0], &plotted, ctx);
     }
     Ok(())
@@ -805,6 +786,7 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn spirals_are_deterministic_in_the_seed() {

@@ -18,7 +18,6 @@
 //! random crops (`augment=true`) are drawn per rank.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use std::cell::Cell;
 
@@ -32,17 +31,17 @@ use super::models::{Head, OdeFunc, OdeNet, ResNet, Stem};
 use super::schema::milestones;
 use crate::config::ResolvedConfig;
 use crate::data::{
-    batches, derived_rng, epoch_order, make_batch, mnist_10k, mnist_from_dir, ImageDataset,
+    batches, derived_rng, epoch_order, load_images, make_batch, mnist_10k, Builtin, ImageDataset,
 };
-use crate::job::{device_name, Checkpoint, Claim, JobContext, JobError, ResultsTable};
+use crate::job::{device_name, publish_results, Claim, JobContext, JobError, ResultsTable};
 use crate::ode::adjoint::{accumulate, adjoint_backward, solve_no_grad};
 use crate::ode::{Dopri5Options, SolveStats, Solver};
 use crate::train::{
-    checkpoint_tensors, count_params, evaluate, init_pytorch_style, named_vars, DataParallel,
-    EvalResult, Optimizer, PiecewiseLr,
+    checkpoint_tensors, count_params, evaluate, finite_loss, init_pytorch_style, named_vars,
+    report, restore_training, Cadence, DataParallel, EvalResult, Optimizer, Phase, PhaseState,
+    PiecewiseLr, Tensors,
 };
 
-const STATE_VERSION: u32 = 1;
 /// Random-crop padding (torchvision `RandomCrop(28, padding=4)`).
 const CROP_PAD: usize = 4;
 
@@ -138,35 +137,7 @@ pub struct ModelResult {
 }
 
 /// The job's resumable state, stored as the checkpoint's JSON state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct State {
-    version: u32,
-    /// Index into the model list of the model being trained (or next to train).
-    phase: usize,
-    /// Name of that model.
-    model: String,
-    /// True when the checkpoint holds the weights of a model still training.
-    in_progress: bool,
-    /// Epoch of the next step.
-    epoch: u64,
-    /// Step within `epoch` of the next step.
-    step_in_epoch: u64,
-    /// Steps done so far over all models.
-    global_step: u64,
-    /// Seed of init, shuffling and augmentation.
-    seed: u64,
-    /// Training seconds spent on the current model so far.
-    phase_seconds: f64,
-    /// Results of finished models.
-    results: Vec<ModelResult>,
-    /// Ranks that trained (the epoch and step above count steps of their global batch).
-    #[serde(default = "one_rank")]
-    world_size: u32,
-}
-
-fn one_rank() -> u32 {
-    1
-}
+type State = PhaseState<ModelResult>;
 
 pub(super) enum Model {
     Res(Box<ResNet>),
@@ -228,10 +199,6 @@ pub(super) fn build_model(
     Ok((model, varmap))
 }
 
-fn ckpt_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Checkpoint(e.to_string())
-}
-
 /// Runs the MNIST experiment.
 pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError> {
     let s = Settings::from_config(config)?;
@@ -239,37 +206,21 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
     // Every rank joins the others here (a world of one connects to nobody).
     let mut dp = DataParallel::from_context(ctx, &device)?;
     let primary = dp.is_primary();
-    let (train_all, test_all) = if s.dataset == super::schema::BUILTIN_MNIST {
-        mnist_10k()
-    } else {
-        let dir = ctx.dataset(&s.dataset)?;
-        if primary {
-            ctx.log(&format!("data set {} in {}", s.dataset, dir.display()));
-        }
-        mnist_from_dir(&dir, 10)
-    }
-    .map_err(|e| JobError::Data(format!("{}: {e}", s.dataset)))?;
+    let builtin: [(&str, Builtin); 1] = [(super::schema::BUILTIN_MNIST, mnist_10k)];
+    let (train_all, test_all) = load_images(ctx, &s.dataset, &builtin, 10, primary)?;
     let train = train_all.take(s.train_samples);
     let test = test_all.take(s.test_samples);
     let world = dp.world_size();
     if primary {
-        let parallel = if world > 1 {
-            format!(
-                " x {world} ranks (global batch {}, {} backend)",
-                s.batch_size * world,
-                dp.backend()
-            )
-        } else {
-            String::new()
-        };
         ctx.log(&format!(
-            "neural-ode mnist: preset {}, models {}, width {}, {} epochs, batch {}{parallel}, \
-             solver {} ({:?}), {} train / {} test images, on {}",
+            "neural-ode mnist: preset {}, models {}, width {}, {} epochs, batch {}{}, solver {} \
+             ({:?}), {} train / {} test images, on {}",
             config.preset(),
             s.models.join("+"),
             s.width,
             s.epochs,
             s.batch_size,
+            dp.ranks_note(s.batch_size * world),
             s.solver_name,
             s.solver,
             train.len(),
@@ -278,50 +229,8 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
         ));
     }
 
-    let mut state = State {
-        version: STATE_VERSION,
-        phase: 0,
-        model: s.models[0].clone(),
-        in_progress: false,
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        seed: s.seed,
-        phase_seconds: 0.0,
-        results: Vec::new(),
-        world_size: world as u32,
-    };
-    let mut restored: Option<BTreeMap<String, Tensor>> = None;
-    if let Some(cp) = ctx.restore_checkpoint(&device)? {
-        let st: State = serde_json::from_value(cp.state.clone()).map_err(ckpt_err)?;
-        if st.version != STATE_VERSION {
-            return Err(ckpt_err(format!(
-                "unsupported state version {}",
-                st.version
-            )));
-        }
-        if st.phase > s.models.len()
-            || (st.phase < s.models.len() && s.models[st.phase] != st.model)
-        {
-            return Err(ckpt_err(format!(
-                "checkpoint is for model {} (phase {}) but this config trains {}",
-                st.model,
-                st.phase,
-                s.models.join("+")
-            )));
-        }
-        if primary {
-            let msg = format!("resumed from checkpoint at step {}", cp.step);
-            tracing::info!("{msg}");
-            ctx.log(&msg);
-            ctx.metrics(cp.step, &[("resumed_from_step", cp.step as f64)]);
-        }
-        if st.in_progress {
-            restored = Some(cp.tensors);
-        }
-        state = st;
-    }
-
+    let (mut state, mut restored) =
+        State::start_or_resume(ctx, &device, primary, &s.models, s.seed, world)?;
     while state.phase < s.models.len() {
         let result = train_model(
             &s,
@@ -333,45 +242,17 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             ctx,
             &mut dp,
         )?;
-        state.results.push(result);
-        state.phase += 1;
-        state.in_progress = false;
-        state.epoch = 0;
-        state.step_in_epoch = 0;
-        state.phase_seconds = 0.0;
-        if let Some(next) = s.models.get(state.phase) {
-            state.model = next.clone();
-        }
+        state.finish_phase(result, &s.models);
         // Boundary checkpoint: the finished model's results are in the state.
         if primary {
-            save(ctx, &state, BTreeMap::new(), &[])?;
+            state.save(ctx, BTreeMap::new(), &[])?;
         }
     }
 
     if primary {
         let table = results_table(&s, world, &state.results);
-        for note in &table.notes {
-            ctx.log(note);
-        }
-        ctx.results(&table);
+        publish_results(ctx, &table);
     }
-    Ok(())
-}
-
-fn save(
-    ctx: &dyn JobContext,
-    state: &State,
-    tensors: BTreeMap<String, Tensor>,
-    metrics: &[(&str, f64)],
-) -> Result<(), JobError> {
-    let cp = Checkpoint {
-        step: state.global_step,
-        tensors,
-        state: serde_json::to_value(state).map_err(ckpt_err)?,
-        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-    };
-    ctx.save_checkpoint(&cp)?;
-    tracing::debug!(step = state.global_step, "checkpoint saved");
     Ok(())
 }
 
@@ -379,14 +260,11 @@ fn save(
 /// so that [`DataParallel`] fills its gradient buckets from the head back, the order
 /// backward produces the gradients in.
 fn forward_order(vars: &[(String, Var)]) -> Vec<(String, Var)> {
-    let stage = |name: &str| match name.split('.').next() {
+    crate::train::forward_order(vars, |name| match name.split('.').next() {
         Some("stem") => 0,
         Some("head") => 2,
         _ => 1,
-    };
-    let mut out = vars.to_vec();
-    out.sort_by(|a, b| (stage(&a.0), &a.0).cmp(&(stage(&b.0), &b.0)));
-    out
+    })
 }
 
 /// A test-set evaluation summed over the ranks: accuracy, loss and mean NFE per test batch.
@@ -407,10 +285,11 @@ fn evaluate_sharded(
     dp: &mut DataParallel,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<ShardedEval, JobError> {
-    let (rank, world) = (dp.rank(), dp.world_size());
+    let world = dp.world_size();
     let sliced;
     let shard = if world > 1 {
-        sliced = test.slice(rank * test.len() / world, (rank + 1) * test.len() / world);
+        let range = dp.contiguous_shard(test.len());
+        sliced = test.slice(range.start, range.end);
         &sliced
     } else {
         test
@@ -481,86 +360,43 @@ fn train_model(
     let params = count_params(&varmap);
     let mut opt = Optimizer::by_name(&s.optimizer, vars.clone(), s.lr, s.momentum, s.weight_decay)?;
     if let Some(tensors) = restored {
-        crate::train::restore_vars(&vars, &tensors)?;
-        let opt_state = crate::train::optimizer_state(&tensors);
-        opt.load_state(&opt_state).map_err(ckpt_err)?;
+        restore_training(&vars, &mut opt, &tensors)?;
     }
     // Every rank starts from rank 0's parameters (after a restore too: every rank restored
     // the same checkpoint, and so the same optimizer state).
     let dp_vars = forward_order(&vars);
     dp.broadcast_params(&dp_vars)?;
     let timing_before = dp.timing();
-    if !state.in_progress && primary {
-        ctx.log(&format!("training {name}: {params} parameters"));
-    }
-    state.in_progress = true;
-    if primary {
-        ctx.metrics(
-            state.global_step,
-            &[(&format!("{name}/params"), params as f64)],
-        );
-    }
+    state.begin_phase(ctx, primary, params);
 
     // Each rank's share of every epoch (DistributedSampler), batched per rank: an epoch has
     // the same number of steps on every rank.
     let shard0 = dp.shard(&epoch_order(train.len(), phase_seed, 0));
     let steps_per_epoch = batches(&shard0, s.batch_size, true).len() as u64;
-    if state.world_size != world as u32 {
-        // A checkpoint of another world size: keep its epoch, and its step where the epoch
-        // still has it (the samples of the rest of the epoch are drawn anew).
-        if primary {
-            ctx.log(&format!(
-                "the checkpoint was written by {} rank(s), this attempt runs {world}: resuming \
-                 at epoch {} step {} of {steps_per_epoch}",
-                state.world_size,
-                state.epoch + 1,
-                state.step_in_epoch.min(steps_per_epoch)
-            ));
-        }
-        if state.step_in_epoch >= steps_per_epoch {
-            state.epoch += 1;
-            state.step_in_epoch = 0;
-        }
-        state.world_size = world as u32;
-    }
-    let total_steps = steps_per_epoch * s.epochs;
-    let schedule = PiecewiseLr::from_fractions(s.lr, &s.milestones, total_steps, s.lr_decay);
-    let started = Instant::now();
-    let base_seconds = state.phase_seconds;
-    let mut last_saved = state.global_step;
+    state.adopt_world_size(world, steps_per_epoch, ctx, primary);
+    let cadence = Cadence {
+        epochs: s.epochs,
+        steps_per_epoch,
+        checkpoint_every: s.checkpoint_every,
+        log_every: s.log_every,
+    };
+    let schedule =
+        PiecewiseLr::from_fractions(s.lr, &s.milestones, cadence.total_steps(), s.lr_decay);
+    let mut phase = Phase::new(ctx, dp, &name, cadence, state);
     let mut train_nfe: Vec<f64> = Vec::new();
-    let stage = format!("train {name}");
     // Random crops: rank 0 draws what a single rank draws, the others their own streams.
     let augment_stream = 2 | ((dp.rank() as u64) << 32);
+    let tensors = |opt: &Optimizer| -> Result<Tensors, JobError> {
+        Ok(checkpoint_tensors(&vars, opt.state_tensors()?))
+    };
 
     while state.epoch < s.epochs {
         let order = dp.shard(&epoch_order(train.len(), phase_seed, state.epoch));
         let epoch_batches = batches(&order, s.batch_size, true);
         // keep only the current (in the end: the last) epoch's training NFE
         train_nfe.clear();
-        let mut loss_sum = 0.0;
-        let mut loss_n = 0usize;
         while state.step_in_epoch < steps_per_epoch {
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            dp.begin_step();
-            // All ranks stop at the same step once any of them is asked to.
-            if dp.any(ctx.should_stop())? {
-                if primary {
-                    if state.global_step > last_saved {
-                        save(
-                            ctx,
-                            state,
-                            checkpoint_tensors(&vars, opt.state_tensors()?),
-                            &[],
-                        )?;
-                    }
-                    ctx.log(&format!(
-                        "stopping at step {} on request",
-                        state.global_step
-                    ));
-                }
-                return Err(JobError::Stopped);
-            }
+            phase.begin_step(state, dp, || tensors(&opt))?;
             let phase_step = state.epoch * steps_per_epoch + state.step_in_epoch;
             let lr = schedule.lr_at(phase_step);
             opt.set_lr(lr);
@@ -581,98 +417,44 @@ fn train_model(
                 local.push((format!("{name}/nfe_backward"), st.nfe_backward as f64));
             }
             let mut m = dp.average_metrics(&local)?;
-            let loss_v = m[0].1;
             // Every rank sees the same mean, so they all fail here together.
-            if !loss_v.is_finite() {
-                return Err(JobError::Other(format!(
-                    "{name}: training loss is {loss_v} at step {} (lr {lr}); try a lower lr",
-                    state.global_step
-                )));
-            }
+            let hint = format!(" (lr {lr}); try a lower lr");
+            let loss_v = finite_loss(&name, m[0].1, state.global_step, &hint)?;
             opt.step(&grads)?;
-            dp.end_step();
-            loss_sum += loss_v;
-            loss_n += 1;
-
-            state.step_in_epoch += 1;
-            state.global_step += 1;
             // [loss, nfe_forward, nfe_backward] when the model reports solver stats
             let nfe = stats.map(|_| (m[1].1, m[2].1));
             if let Some((f, _)) = nfe {
                 train_nfe.push(f);
             }
             m.insert(1, (format!("{name}/lr"), lr));
-            if primary {
-                let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                ctx.metrics(state.global_step, &m_ref);
-                ctx.progress(&stage, phase_step + 1, total_steps);
-            }
-            if primary
-                && (state.global_step.is_multiple_of(s.log_every)
-                    || state.step_in_epoch == steps_per_epoch)
-            {
+            let epoch_done = phase.end_step(state, dp, loss_v, &m, || {
                 let nfe = nfe
                     .map(|(f, b)| format!(" nfe {f}/{b}"))
                     .unwrap_or_default();
-                let line = format!(
-                    "{name} epoch {}/{} step {}/{} loss {:.4} lr {:.4}{nfe} ({:.1}s)",
-                    state.epoch + 1,
-                    s.epochs,
-                    state.step_in_epoch,
-                    steps_per_epoch,
-                    loss_v,
-                    lr,
-                    base_seconds + started.elapsed().as_secs_f64()
-                );
-                tracing::info!("{line}");
-                ctx.log(&line);
-            }
-            if state.step_in_epoch == steps_per_epoch {
-                state.epoch += 1;
-                state.step_in_epoch = 0;
-                let mean = loss_sum / loss_n.max(1) as f64;
+                format!("loss {loss_v:.4} lr {lr:.4}{nfe}")
+            });
+            if epoch_done && s.eval_each_epoch && state.epoch < s.epochs {
+                let r = evaluate_sharded(&model, test, s.eval_batch_size, device, dp, |_, _| {})?
+                    .result;
                 if primary {
                     ctx.metrics(
                         state.global_step,
-                        &[(&format!("{name}/epoch_train_loss"), mean)],
+                        &[(&format!("{name}/test_acc"), r.accuracy)],
                     );
-                }
-                if s.eval_each_epoch && state.epoch < s.epochs {
-                    let r =
-                        evaluate_sharded(&model, test, s.eval_batch_size, device, dp, |_, _| {})?
-                            .result;
-                    if primary {
-                        ctx.metrics(
-                            state.global_step,
-                            &[(&format!("{name}/test_acc"), r.accuracy)],
-                        );
-                        ctx.log(&format!(
-                            "{name} epoch {} test accuracy {:.2}%",
-                            state.epoch,
-                            100.0 * r.accuracy
-                        ));
-                    }
+                    ctx.log(&format!(
+                        "{name} epoch {} test accuracy {:.2}%",
+                        state.epoch,
+                        100.0 * r.accuracy
+                    ));
                 }
             }
-            state.phase_seconds = base_seconds + started.elapsed().as_secs_f64();
-            if primary
-                && s.checkpoint_every > 0
-                && state.global_step.is_multiple_of(s.checkpoint_every)
-            {
-                save(
-                    ctx,
-                    state,
-                    checkpoint_tensors(&vars, opt.state_tensors()?),
-                    &[(&format!("{name}/train_loss"), loss_v)],
-                )?;
-                last_saved = state.global_step;
-            }
-            if state.step_in_epoch == 0 {
-                break; // epoch finished
+            phase.checkpoint_if_due(state, loss_v, || tensors(&opt))?;
+            if epoch_done {
+                break;
             }
         }
     }
-    let train_seconds = base_seconds + started.elapsed().as_secs_f64();
+    let train_seconds = phase.seconds();
 
     // Throughput of this attempt's steps and their communication share, averaged over ranks.
     let timing = dp.timing();
@@ -732,8 +514,7 @@ fn train_model(
         m.push((format!("{name}/test_nfe_backward"), b));
     }
     m.extend(throughput.iter().cloned());
-    let m_ref: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    ctx.metrics(state.global_step, &m_ref);
+    report(ctx, state.global_step, &m);
     if world > 1 {
         if let [(_, sps), (_, share)] = throughput.as_slice() {
             ctx.log(&format!(

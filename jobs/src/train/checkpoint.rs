@@ -1,11 +1,15 @@
-//! The tensors of a job's checkpoint: the model's variables under `model.<name>` and the
-//! optimizer's state under `optimizer.<name>`, written and read the same way by every job.
+//! A job's checkpoint: its tensors (the model's variables under `model.<name>` and the
+//! optimizer's state under `optimizer.<name>`) and its JSON state, written and read the
+//! same way by every job.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::job::JobError;
+use crate::job::{Checkpoint, JobContext, JobError};
+use crate::train::Optimizer;
 
 /// Prefix of a model variable's tensor in a checkpoint.
 pub const MODEL_PREFIX: &str = "model.";
@@ -54,6 +58,51 @@ pub fn restore_vars(
 /// The optimizer state in `tensors`, named as the optimizer's `load_state` expects.
 pub fn optimizer_state(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     crate::train::with_prefix(tensors, OPTIMIZER_PREFIX)
+}
+
+/// Sets `vars` and the state of `opt` from a checkpoint's `tensors` (as
+/// [`checkpoint_tensors`] wrote them).
+pub fn restore_training(
+    vars: &[(String, Var)],
+    opt: &mut Optimizer,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<(), JobError> {
+    restore_vars(vars, tensors)?;
+    opt.load_state(&optimizer_state(tensors))
+        .map_err(|e| JobError::Checkpoint(e.to_string()))
+}
+
+/// Saves a checkpoint at `step` of the job's `state` (as JSON), `tensors` and `metrics`.
+pub fn save_state(
+    ctx: &dyn JobContext,
+    step: u64,
+    state: &impl Serialize,
+    tensors: BTreeMap<String, Tensor>,
+    metrics: &[(&str, f64)],
+) -> Result<(), JobError> {
+    let cp = Checkpoint {
+        step,
+        tensors,
+        state: serde_json::to_value(state).map_err(|e| JobError::Checkpoint(e.to_string()))?,
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    };
+    ctx.save_checkpoint(&cp)?;
+    tracing::debug!(step, "checkpoint saved");
+    Ok(())
+}
+
+/// The job state of checkpoint `cp`, which must have field `version` equal to `version`.
+pub fn load_state<S: DeserializeOwned>(cp: &Checkpoint, version: u32) -> Result<S, JobError> {
+    let state: S = serde_json::from_value(cp.state.clone())
+        .map_err(|e| JobError::Checkpoint(e.to_string()))?;
+    let found = cp.state.get("version").and_then(serde_json::Value::as_u64);
+    if found != Some(u64::from(version)) {
+        let found = found.map_or_else(|| "none".to_string(), |v| v.to_string());
+        return Err(JobError::Checkpoint(format!(
+            "unsupported state version {found}"
+        )));
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

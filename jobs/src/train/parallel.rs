@@ -214,6 +214,27 @@ impl DataParallel {
         shard_of(epoch_order, self.rank(), self.world_size())
     }
 
+    /// This rank's contiguous share of `len` items (an evaluation set): rank `r` of `n`
+    /// takes `r·len/n .. (r+1)·len/n`, without padding; with one rank, all of them.
+    pub fn contiguous_shard(&self, len: usize) -> std::ops::Range<usize> {
+        let (rank, world) = (self.rank(), self.world_size().max(1));
+        rank * len / world..(rank + 1) * len / world
+    }
+
+    /// How the ranks split a global batch, for a job's first log line: empty with one
+    /// rank, else ` x <n> ranks (global batch <global_batch>, <backend> backend)`.
+    pub fn ranks_note(&self, global_batch: impl std::fmt::Display) -> String {
+        let world = self.world_size();
+        if world > 1 {
+            format!(
+                " x {world} ranks (global batch {global_batch}, {} backend)",
+                self.backend()
+            )
+        } else {
+            String::new()
+        }
+    }
+
     /// Replaces every gradient of `vars` in `grads` with its mean over the ranks, in
     /// buckets of about [`DataParallel::bucket_bytes`] filled in reverse order of `vars`
     /// (pass them in the order the forward pass uses them). A variable without a gradient

@@ -27,6 +27,15 @@ pub fn with_prefix(
         .collect()
 }
 
+/// `vars` sorted by `(stage(name), name)`: the order the forward pass uses them when
+/// `stage` numbers the model's parts in that order, so that [`crate::train::DataParallel`]
+/// fills its gradient buckets from the last part back, the order backward produces them.
+pub fn forward_order(vars: &[(String, Var)], stage: impl Fn(&str) -> usize) -> Vec<(String, Var)> {
+    let mut out = vars.to_vec();
+    out.sort_by(|a, b| (stage(&a.0), &a.0).cmp(&(stage(&b.0), &b.0)));
+    out
+}
+
 /// Total number of scalar parameters in `varmap`.
 pub fn count_params(varmap: &VarMap) -> usize {
     named_vars(varmap).iter().map(|(_, v)| v.elem_count()).sum()
