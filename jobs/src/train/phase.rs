@@ -14,7 +14,7 @@
 //!     while state.step_in_epoch < cadence.steps_per_epoch {
 //!         phase.begin_step(state, dp, || checkpoint_tensors(...))?;
 //!         // ... forward, backward, all-reduce, averaged metrics, optimizer step
-//!         let epoch_done = phase.end_step(state, dp, loss, &metrics, || detail)?;
+//!         let epoch_done = phase.end_step(state, dp, loss, &metrics, || detail);
 //!         phase.checkpoint_if_due(state, loss, || checkpoint_tensors(...))?;
 //!         if epoch_done { break; }
 //!     }
