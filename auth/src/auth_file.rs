@@ -258,41 +258,19 @@ const HEADER: &str =
     "# Trainyard auth file: who may call the coordinator. Only SHA-256 hashes of tokens\n\
 # are stored here; edit it with `trainyard auth add-user|add-worker|remove|list`.\n\n";
 
-/// Writes the file atomically (a temporary file in the same folder, renamed over it),
-/// readable by its owner only.
+/// Writes the file atomically (see [`crate::files::write_atomic`]), readable by its owner
+/// only, creating its folder.
 fn write(path: &Path, repr: &FileRepr) -> Result<(), AuthError> {
     let err = |source| AuthError::Write {
         path: path.to_path_buf(),
         source,
     };
     let body = toml::to_string(repr).map_err(|e| err(std::io::Error::other(e.to_string())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(err)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "auth".into()),
-        std::process::id()
-    ));
-    {
-        use std::io::Write;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut f = options.open(&tmp).map_err(err)?;
-        f.write_all(HEADER.as_bytes()).map_err(err)?;
-        f.write_all(body.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
     }
-    std::fs::rename(&tmp, path).map_err(err)
+    let text = format!("{HEADER}{body}");
+    crate::files::write_atomic(path, text.as_bytes(), 0o600).map_err(err)
 }
 
 /// What [`add`] adds.

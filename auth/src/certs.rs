@@ -17,10 +17,9 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -337,7 +336,6 @@ enum FileKind {
 }
 
 impl FileKind {
-    #[cfg(unix)]
     fn mode(self) -> u32 {
         match self {
             FileKind::Cert => 0o644,
@@ -458,54 +456,12 @@ fn generate(sans: &[SanType], validity: &Validity) -> Result<Bundle, CertsError>
     })
 }
 
-/// Writes `contents` to `path` via a temporary file in the same folder plus a rename, with
-/// the permissions of `kind` set on the temporary file before it becomes visible.
+/// Writes `contents` to `path` atomically with the permissions of `kind`.
 fn write_atomic(path: &Path, contents: &[u8], kind: FileKind) -> Result<(), CertsError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let write_err = |source| CertsError::Write {
+    crate::files::write_atomic(path, contents, kind.mode()).map_err(|source| CertsError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-
-    let result = (|| -> io::Result<()> {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            // Never readable by others, not even for a moment.
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp)?;
-        file.write_all(contents)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Explicit, so the result does not depend on the umask.
-            file.set_permissions(fs::Permissions::from_mode(kind.mode()))?;
-        }
-        #[cfg(not(unix))]
-        let _ = kind;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-
-    if let Err(source) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(write_err(source));
-    }
-    Ok(())
+    })
 }
 
 /// Best effort: makes the renames durable by syncing the folder (unix only).

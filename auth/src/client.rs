@@ -48,6 +48,22 @@ pub fn read_token_file(path: &Path, flag: &'static str) -> Result<String, TokenE
     Ok(token)
 }
 
+/// The token a process presents: the first line of `file` when given (`flag` names it in
+/// errors), else the environment variable `env` when set and not blank, else none.
+pub fn token_from(
+    file: Option<&Path>,
+    flag: &'static str,
+    env: &str,
+) -> Result<Option<String>, TokenError> {
+    if let Some(file) = file {
+        return read_token_file(file, flag).map(Some);
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
 /// Adds `authorization: Bearer <token>` to every request (nothing without a token).
 #[derive(Clone, Default)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);

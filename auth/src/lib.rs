@@ -8,6 +8,7 @@
 //! - [`tls`]: TLS settings from PEM files for the gRPC server and clients (rustls), with
 //!   optional client certificates (mutual TLS);
 //! - [`client`]: the interceptor that puts a bearer token on every call;
+//! - [`files`]: atomic writes of secret files;
 //! - [`certs`]: a development CA and certificates for a first try (`trainyard certs init`).
 
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@
 pub mod auth_file;
 pub mod certs;
 pub mod client;
+pub mod files;
 pub mod tls;
 pub mod token;
 

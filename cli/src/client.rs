@@ -62,16 +62,13 @@ impl Target {
         token_file: Option<&std::path::Path>,
         tls: &ClientTlsFiles,
     ) -> Result<Self> {
-        let (token, source) = match (std::env::var("TRAINYARD_TOKEN").ok(), token_file) {
-            (_, Some(file)) => (
-                Some(
-                    trainyard_auth::client::read_token_file(file, "--token-file")
-                        .map_err(|e| bad_input(e.to_string()))?,
-                ),
-                "--token-file",
-            ),
-            (Some(t), None) if !t.trim().is_empty() => (Some(t), "TRAINYARD_TOKEN"),
-            _ => (None, "TRAINYARD_TOKEN"),
+        let token =
+            trainyard_auth::client::token_from(token_file, "--token-file", "TRAINYARD_TOKEN")
+                .map_err(|e| bad_input(e.to_string()))?;
+        let source = if token_file.is_some() {
+            "--token-file"
+        } else {
+            "TRAINYARD_TOKEN"
         };
         let token =
             BearerToken::new(token.as_deref(), source).map_err(|e| bad_input(e.to_string()))?;

@@ -91,27 +91,20 @@ impl Limits {
 /// servers conventionally answer. The refusal is a trailers-only response, so the status
 /// is in the headers.
 pub fn name_request_size_limit<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let is_out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    if !is_out_of_range {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    if status.code() != tonic::Code::OutOfRange
+        || !status
+            .message()
+            .contains("decoded message length too large")
+    {
         return response;
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(|m| {
-            m.replace("%20", " ")
-                .replace("%3A", ":")
-                .replace("%2C", ",")
-        })
-        .unwrap_or_default();
-    if !message.contains("decoded message length too large") {
-        return response;
-    }
+    // tonic's text: "... found {len} bytes, the limit is: {limit} bytes".
     let number_after = |key: &str| {
-        message
+        status
+            .message()
             .split(key)
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
@@ -123,9 +116,12 @@ pub fn name_request_size_limit<B>(mut response: http::Response<B>) -> http::Resp
         ),
         _ => "request message is over the max_request_bytes limit".to_string(),
     };
-    headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-    if let Ok(v) = http::HeaderValue::from_str(&text) {
-        headers.insert("grpc-message", v);
+    // add_header replaces grpc-status and grpc-message (percent-encoding the message).
+    if Status::resource_exhausted(text)
+        .add_header(response.headers_mut())
+        .is_err()
+    {
+        tracing::warn!("could not rewrite an over-size refusal");
     }
     response
 }

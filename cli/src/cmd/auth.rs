@@ -21,18 +21,8 @@ fn classify(e: AuthError) -> anyhow::Error {
 
 /// Writes a token to `path`, readable by its owner only.
 fn write_token(path: &Path, token: &str) -> Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options
-        .open(path)
-        .with_context(|| format!("--token-out: cannot write {}", path.display()))?;
-    writeln!(f, "{token}").with_context(|| format!("--token-out: writing {}", path.display()))
+    trainyard_auth::files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+        .with_context(|| format!("--token-out: cannot write {}", path.display()))
 }
 
 /// Adds `entry`, prints its token once on stdout (and to `token_out`), and how to use it.

@@ -47,10 +47,6 @@ pub fn config(args: &CoordinatorArgs, tls: &TlsArgs) -> Result<CoordinatorConfig
             ))
         }
     };
-    if let Some(files) = &config.tls {
-        // Fail on a bad file here, with exit code 2, rather than at start.
-        files.load().map_err(|e| bad_input(e.to_string()))?;
-    }
     let l = &args.limits;
     for (flag, v) in [
         ("--max-request-bytes", l.max_request_bytes),

@@ -24,19 +24,6 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "worker".to_string())
 }
 
-/// The join token: from `--join-token-file`, else `TRAINYARD_JOIN_TOKEN`, else none.
-fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
-    if let Some(file) = file {
-        let token = trainyard_auth::client::read_token_file(file, "--join-token-file")
-            .map_err(|e| bad_input(e.to_string()))?;
-        return Ok(Some(token));
-    }
-    Ok(std::env::var("TRAINYARD_JOIN_TOKEN")
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty()))
-}
-
 /// Runs `trainyard worker` until Ctrl-C or SIGTERM.
 pub async fn run(
     url: &str,
@@ -70,7 +57,12 @@ pub async fn run(
         rank_command: rank_command()?,
         collective_host,
         metrics_listen: args.metrics_listen,
-        join_token: join_token(args.join_token_file.as_deref())?,
+        join_token: trainyard_auth::client::token_from(
+            args.join_token_file.as_deref(),
+            "--join-token-file",
+            "TRAINYARD_JOIN_TOKEN",
+        )
+        .map_err(|e| bad_input(e.to_string()))?,
         tls,
     };
     tracing::info!(%name, coordinator = %config.coordinator_url, devices = config.devices.len(), collective_host = %config.collective_host, "worker starting");

@@ -388,10 +388,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("bernoulli log-prob: {what} is not f32");
     };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("bernoulli log-prob: {what} is not contiguous"),
-    }
+    crate::nn::contiguous_slice("bernoulli log-prob", v, l, what)
 }
 
 /// The fused CPU [`bernoulli_log_prob`]: `(x [R, C], logits [R, C]) → [R]`.

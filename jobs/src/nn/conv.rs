@@ -818,15 +818,13 @@ impl CustomOp3 for Conv2dOp {
             &grad_res.contiguous()?,
             &Conv2dBackward { geometry: g, want },
         )?;
-        let (nx, nw) = (g.input_len(), g.c_out * g.cols());
-        let dx = all.narrow(0, 0, nx)?.reshape((g.b, g.c, g.h, g.w))?;
-        let dw = all.narrow(0, nx, nw)?.reshape((g.c_out, g.c, g.k, g.k))?;
-        let db = all.narrow(0, nx + nw, g.c_out)?;
-        Ok((
-            want.input.then_some(dx),
-            want.weight.then_some(dw),
-            Some(db),
-        ))
+        super::split_grads(
+            &all,
+            (g.b, g.c, g.h, g.w),
+            (g.c_out, g.c, g.k, g.k),
+            g.c_out,
+            want,
+        )
     }
 }
 

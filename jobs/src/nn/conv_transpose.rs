@@ -127,17 +127,13 @@ impl CustomOp3 for ConvTranspose2dOp {
             &grad_res.contiguous()?,
             &ConvTranspose2dBackward { geometry: g, want },
         )?;
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let nx = g.b * g.c_out * oh * ow;
-        let nw = g.c_out * g.cols();
-        let dx = all.narrow(0, 0, nx)?.reshape((g.b, g.c_out, oh, ow))?;
-        let dw = all.narrow(0, nx, nw)?.reshape((g.c_out, g.c, g.k, g.k))?;
-        let db = all.narrow(0, nx + nw, g.c)?;
-        Ok((
-            want.input.then_some(dx),
-            want.weight.then_some(dw),
-            Some(db),
-        ))
+        super::split_grads(
+            &all,
+            (g.b, g.c_out, g.out_h(), g.out_w()),
+            (g.c_out, g.c, g.k, g.k),
+            g.c,
+            want,
+        )
     }
 }
 

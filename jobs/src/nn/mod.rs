@@ -61,6 +61,32 @@ pub(crate) fn dispatch3(
     })
 }
 
+/// The gradients `(dx, dW, db)` of a convolution-like op, from its backward op's flat
+/// `[dx | dW | db]` output: `dx` and `dW` reshaped to `dx_shape` and `dw_shape`, only the
+/// `want`ed ones kept (the bias's always).
+fn split_grads(
+    all: &candle_core::Tensor,
+    dx_shape: (usize, usize, usize, usize),
+    dw_shape: (usize, usize, usize, usize),
+    db_len: usize,
+    want: conv::Wanted,
+) -> Result<(
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+    Option<candle_core::Tensor>,
+)> {
+    let nx = dx_shape.0 * dx_shape.1 * dx_shape.2 * dx_shape.3;
+    let nw = dw_shape.0 * dw_shape.1 * dw_shape.2 * dw_shape.3;
+    let dx = all.narrow(0, 0, nx)?.reshape(dx_shape)?;
+    let dw = all.narrow(0, nx, nw)?.reshape(dw_shape)?;
+    let db = all.narrow(0, nx + nw, db_len)?;
+    Ok((
+        want.input.then_some(dx),
+        want.weight.then_some(dw),
+        Some(db),
+    ))
+}
+
 /// The largest absolute difference of two tensors of one shape, in f64 (for the tests that
 /// compare these layers with candle's).
 #[cfg(test)]

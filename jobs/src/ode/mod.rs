@@ -131,6 +131,22 @@ impl Axpy {
     }
 }
 
+/// The contiguous data of [`Axpy`]'s two operands, which must be of one length.
+fn operands<'a, T>(
+    op: &str,
+    a: &'a [T],
+    la: &Layout,
+    b: &'a [T],
+    lb: &Layout,
+) -> Result<(&'a [T], &'a [T])> {
+    let a = crate::nn::contiguous_slice(op, a, la, "first operand")?;
+    let b = crate::nn::contiguous_slice(op, b, lb, "second operand")?;
+    if a.len() != b.len() {
+        candle_core::bail!("{op}: operands of different sizes");
+    }
+    Ok((a, b))
+}
+
 impl CustomOp2 for Axpy {
     fn name(&self) -> &'static str {
         "trainyard-axpy"
@@ -143,32 +159,18 @@ impl CustomOp2 for Axpy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: the operands must be contiguous", self.name())
-        };
-        if a1 - a0 != b1 - b0 {
-            candle_core::bail!("{}: operands of different sizes", self.name());
-        }
+        let op = self.name();
         let out = match (s1, s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 let s = self.s as f32;
-                CpuStorage::F32(
-                    a[a0..a1]
-                        .iter()
-                        .zip(&b[b0..b1])
-                        .map(|(a, b)| *a + *b * s)
-                        .collect(),
-                )
+                let (a, b) = operands(op, a, l1, b, l2)?;
+                CpuStorage::F32(a.iter().zip(b).map(|(a, b)| *a + *b * s).collect())
             }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(
-                a[a0..a1]
-                    .iter()
-                    .zip(&b[b0..b1])
-                    .map(|(a, b)| *a + *b * self.s)
-                    .collect(),
-            ),
-            _ => candle_core::bail!("{}: unsupported dtypes", self.name()),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (a, b) = operands(op, a, l1, b, l2)?;
+                CpuStorage::F64(a.iter().zip(b).map(|(a, b)| *a + *b * self.s).collect())
+            }
+            _ => candle_core::bail!("{op}: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))
     }
