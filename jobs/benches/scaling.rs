@@ -130,6 +130,7 @@ fn processes(
         let child = Command::new(&exe)
             .env(CHILD_ENV, format!("{rank},{ranks},{model},{batch},{steps}"))
             .env("RAYON_NUM_THREADS", threads.to_string())
+            .envs(trainyard_jobs::cpu::pool_env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -208,6 +209,9 @@ fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Before any tensor operation of this process: candle sizes its pools once.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    for (name, value) in trainyard_jobs::cpu::pool_env() {
+        std::env::set_var(name, value);
+    }
     println!(
         "neural-ode data-parallel scaling: quick preset{}, batch {batch} per rank, {steps} steps, \
          {threads} thread(s) per rank, {cores} CPU(s), ranks joined by the collective Ring (default \

@@ -151,6 +151,10 @@ fn bench(model: &str) -> anyhow::Result<Bench> {
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; nothing to parse.
+    // The pools as a rank process gets them (before candle starts any).
+    for (name, value) in trainyard_jobs::cpu::pool_env() {
+        std::env::set_var(name, value);
+    }
     let threads = var("RAYON_NUM_THREADS", "");
     let threads: usize = match threads.parse() {
         Ok(n) if n > 0 => n,

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod db_vae;
 pub mod gm_dgm;

@@ -14,7 +14,9 @@
 //! statistics need synchronising or checkpointing.
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use crate::nn::Linear;
 
 use crate::nn::{GemmConv2d, GemmConvTranspose2d, GroupNorm};
 
@@ -52,8 +54,8 @@ impl Encoder {
         let flat = CHANNELS[3] * FEATURE_SIDE * FEATURE_SIDE;
         Ok(Self {
             convs,
-            fc1: candle_nn::linear(flat, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, outputs, vb.pp("fc2"))?,
+            fc1: crate::nn::linear(flat, hidden, vb.pp("fc1"))?,
+            fc2: crate::nn::linear(hidden, outputs, vb.pp("fc2"))?,
         })
     }
 
@@ -98,7 +100,7 @@ impl Decoder {
             )?);
         }
         Ok(Self {
-            fc: candle_nn::linear(latent, flat, vb.pp("fc"))?,
+            fc: crate::nn::linear(latent, flat, vb.pp("fc"))?,
             deconvs,
         })
     }

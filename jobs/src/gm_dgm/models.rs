@@ -16,10 +16,13 @@
 //! all `n_y` values of `y` computes its (large) `W_a a` once.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use candle_nn::{linear, linear_no_bias, Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Module, VarBuilder, VarMap};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 use crate::data::derived_rng;
+use crate::nn::fastmath::{sigmoid, softplus};
+use crate::nn::{linear, linear_no_bias, Linear};
 use crate::train::named_vars;
 
 const LOG_2PI: f64 = 1.837_877_066_409_345_5;
@@ -368,19 +371,22 @@ pub fn bernoulli_log_prob_ops(x: &Tensor, logits: &Tensor) -> Result<Tensor> {
     ((x * logits)? - softplus)?.sum(D::Minus1)
 }
 
-/// `softplus(l) = log(1 + e^l)`, stable for large `|l|`.
-fn softplus(l: f32) -> f32 {
-    l.max(0.0) + (-l.abs()).exp().ln_1p()
-}
+/// Elements below which the Bernoulli kernels run on the calling thread.
+const PARALLEL_MIN: usize = 1 << 15;
 
-/// `σ(l) = 1 / (1 + e^-l)`, stable for large `|l|`.
-fn sigmoid(l: f32) -> f32 {
-    if l >= 0.0 {
-        1.0 / (1.0 + (-l).exp())
-    } else {
-        let e = l.exp();
-        e / (1.0 + e)
+/// `Σ_i x_i l_i - softplus(l_i)` of one row, in 8 interleaved partial sums (so the loop
+/// vectorises; the order of summation is fixed, so results do not depend on threads).
+fn bernoulli_row(x: &[f32], l: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, lc) = (x.chunks_exact(8), l.chunks_exact(8));
+    let (xr, lr) = (xc.remainder(), lc.remainder());
+    for (x8, l8) in xc.zip(lc) {
+        for k in 0..8 {
+            acc[k] += x8[k] * l8[k] - softplus(l8[k]);
+        }
     }
+    let tail: f32 = xr.iter().zip(lr).map(|(&x, &l)| x * l - softplus(l)).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The contiguous `f32` data of a CPU tensor.
@@ -416,16 +422,16 @@ impl CustomOp2 for BernoulliLogProb {
             );
         }
         let (x, l) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "logits")?);
-        let out: Vec<f32> = (0..rows)
-            .map(|r| {
-                let span = r * cols..(r + 1) * cols;
-                x[span.clone()]
-                    .iter()
-                    .zip(&l[span])
-                    .map(|(&x, &l)| x * l - softplus(l))
-                    .sum()
-            })
-            .collect();
+        let mut out = vec![0f32; rows];
+        let row = |(r, o): (usize, &mut f32)| {
+            let span = r * cols..(r + 1) * cols;
+            *o = bernoulli_row(&x[span.clone()], &l[span]);
+        };
+        if rows * cols < PARALLEL_MIN {
+            out.iter_mut().enumerate().for_each(row);
+        } else {
+            out.par_iter_mut().enumerate().for_each(row);
+        }
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
@@ -470,11 +476,16 @@ impl CustomOp3 for BernoulliLogProbGrad {
             candle_core::bail!("bernoulli log-prob gradient: shapes do not match");
         }
         let mut out = vec![0f32; rows * cols];
-        for (r, o) in out.chunks_mut(cols.max(1)).enumerate() {
+        let row = |(r, o): (usize, &mut [f32])| {
             let span = r * cols..(r + 1) * cols;
             for ((o, &x), &l) in o.iter_mut().zip(&x[span.clone()]).zip(&l[span]) {
                 *o = g[r] * (x - sigmoid(l));
             }
+        };
+        if rows * cols < PARALLEL_MIN || cols == 0 {
+            out.chunks_mut(cols.max(1)).enumerate().for_each(row);
+        } else {
+            out.par_chunks_mut(cols).enumerate().for_each(row);
         }
         Ok((CpuStorage::F32(out), l2.shape().clone()))
     }

@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Module, VarBuilder, VarMap};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,7 @@ use super::toy2d::{to_tensor, Density};
 use crate::config::ResolvedConfig;
 use crate::data::derived_rng;
 use crate::job::{device_name, publish_results, Claim, JobContext, JobError, ResultsTable};
+use crate::nn::Linear;
 use crate::ode::{dopri5, Dopri5Options, SolveStats};
 use crate::plot::{Color, Colormap, Figure, Grid};
 use crate::train::{
@@ -90,9 +91,9 @@ impl HyperNet {
     /// A hypernetwork for `width` units with `hidden` hidden units per layer.
     pub fn new(width: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(1, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, hidden, vb.pp("fc2"))?,
-            fc3: candle_nn::linear(hidden, 3 * width * 2 + width, vb.pp("fc3"))?,
+            fc1: crate::nn::linear(1, hidden, vb.pp("fc1"))?,
+            fc2: crate::nn::linear(hidden, hidden, vb.pp("fc2"))?,
+            fc3: crate::nn::linear(hidden, 3 * width * 2 + width, vb.pp("fc3"))?,
             width,
         })
     }

@@ -23,13 +23,14 @@
 //! observations, and both models' reconstruction and extrapolation.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use candle_nn::{Module, VarBuilder, VarMap};
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, Normal};
 
 use crate::config::ResolvedConfig;
 use crate::data::derived_rng;
 use crate::job::{publish_results, Claim, JobContext, JobError, ResultsTable};
+use crate::nn::Linear;
 use crate::ode::Solver;
 use crate::plot::{Color, Figure};
 use crate::train::{
@@ -131,8 +132,8 @@ impl Encoder {
     /// Hidden size `hidden`, latent size `latent`.
     pub fn new(hidden: usize, latent: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            cell: candle_nn::linear(3 + hidden, hidden, vb.pp("cell"))?,
-            out: candle_nn::linear(hidden, 2 * latent, vb.pp("out"))?,
+            cell: crate::nn::linear(3 + hidden, hidden, vb.pp("cell"))?,
+            out: crate::nn::linear(hidden, 2 * latent, vb.pp("out"))?,
             hidden,
         })
     }
@@ -166,9 +167,9 @@ impl Dynamics {
     /// Latent size `latent`, hidden width `hidden`.
     pub fn new(latent: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            l1: candle_nn::linear(latent, hidden, vb.pp("l1"))?,
-            l2: candle_nn::linear(hidden, hidden, vb.pp("l2"))?,
-            l3: candle_nn::linear(hidden, latent, vb.pp("l3"))?,
+            l1: crate::nn::linear(latent, hidden, vb.pp("l1"))?,
+            l2: crate::nn::linear(hidden, hidden, vb.pp("l2"))?,
+            l3: crate::nn::linear(hidden, latent, vb.pp("l3"))?,
         })
     }
 
@@ -202,8 +203,8 @@ impl LatentOde {
         Ok(Self {
             encoder: Encoder::new(rnn, latent, vb.pp("enc"))?,
             dynamics: Dynamics::new(latent, hidden, vb.pp("f"))?,
-            dec1: candle_nn::linear(latent, hidden, vb.pp("dec1"))?,
-            dec2: candle_nn::linear(hidden, 2, vb.pp("dec2"))?,
+            dec1: crate::nn::linear(latent, hidden, vb.pp("dec1"))?,
+            dec2: crate::nn::linear(hidden, 2, vb.pp("dec2"))?,
         })
     }
 
@@ -262,8 +263,8 @@ impl RnnBaseline {
     /// Hidden size `hidden` (25 in the paper).
     pub fn new(hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            cell: candle_nn::linear(3 + hidden, hidden, vb.pp("cell"))?,
-            out: candle_nn::linear(hidden, 2, vb.pp("out"))?,
+            cell: crate::nn::linear(3 + hidden, hidden, vb.pp("cell"))?,
+            out: crate::nn::linear(hidden, 2, vb.pp("out"))?,
             hidden,
         })
     }

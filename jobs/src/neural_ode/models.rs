@@ -8,9 +8,9 @@
 use std::cell::Cell;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
-use crate::nn::{GemmConv2d, GroupNorm};
+use crate::nn::{GemmConv2d, GroupNorm, Linear};
 
 use crate::ode::{OdeSolution, SolveStats, Solver};
 
@@ -79,7 +79,7 @@ impl Head {
     pub fn new(c: usize, g: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: norm(c, g, vb.pp("norm"))?,
-            fc: candle_nn::linear(c, CLASSES, vb.pp("fc"))?,
+            fc: crate::nn::linear(c, CLASSES, vb.pp("fc"))?,
         })
     }
 }

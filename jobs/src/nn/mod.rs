@@ -2,10 +2,13 @@
 
 pub mod conv;
 pub mod conv_transpose;
+pub mod fastmath;
+pub mod linear;
 pub mod norm;
 
 pub use conv::GemmConv2d;
 pub use conv_transpose::GemmConvTranspose2d;
+pub use linear::{bias_add, linear, linear_no_bias, Linear};
 pub use norm::GroupNorm;
 
 use candle_core::backend::BackendStorage;

@@ -199,9 +199,10 @@ pub fn max_rel_diff(x: &Tensor, y: &Tensor) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::Linear;
     use crate::ode::Dopri5Options;
     use candle_core::{DType, Device};
-    use candle_nn::{Linear, Module, VarBuilder, VarMap};
+    use candle_nn::{Module, VarBuilder, VarMap};
 
     #[test]
     fn decay_gradients_match_the_closed_form() {
@@ -244,8 +245,8 @@ mod tests {
     impl Mlp {
         fn new(d: usize, h: usize, vb: VarBuilder) -> Self {
             Self {
-                l1: candle_nn::linear(d + 1, h, vb.pp("l1")).unwrap(),
-                l2: candle_nn::linear(h, d, vb.pp("l2")).unwrap(),
+                l1: crate::nn::linear(d + 1, h, vb.pp("l1")).unwrap(),
+                l2: crate::nn::linear(h, d, vb.pp("l2")).unwrap(),
             }
         }
         fn forward(&self, t: f64, z: &Tensor) -> Result<Tensor> {

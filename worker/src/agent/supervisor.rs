@@ -251,6 +251,10 @@ pub(crate) fn spawn(
     if std::env::var_os(THREADS_ENV).is_none() {
         cmd.env(THREADS_ENV, threads_per_slot(cores(), slots).to_string());
     }
+    // Shorter idle spinning for candle's element-wise pool (see trainyard_jobs::cpu).
+    for (name, value) in trainyard_jobs::cpu::pool_env() {
+        cmd.env(name, value);
+    }
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.
     unsafe {
