@@ -583,6 +583,10 @@ pub struct ReproduceArgs {
     /// Override a config key in every job that has it (repeatable), e.g. `--set epochs=1`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Run every job once per seed (`0,1,2`, `0-4`, or a mix) and report each claim's mean
+    /// ± std over the seeds and how many seeds it held on (default: each job's own seed).
+    #[arg(long, value_name = "LIST")]
+    pub seeds: Option<String>,
     /// Start a local cluster for the run (instead of using --coordinator's).
     #[arg(long)]
     pub local: bool,

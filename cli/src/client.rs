@@ -199,6 +199,25 @@ impl Client {
         )
     }
 
+    /// Submits `spec` (through [`Client::call`], so a follower's redirect is followed) and
+    /// returns the new job's record.
+    pub async fn submit(&mut self, spec: trainyard_proto::JobSpec) -> Result<trainyard_proto::Job> {
+        let reply = self
+            .call(|mut c| {
+                let spec = spec.clone();
+                async move {
+                    c.jobs
+                        .submit_job(trainyard_proto::SubmitJobRequest { spec: Some(spec) })
+                        .await
+                }
+            })
+            .await
+            .map_err(crate::error::rpc)?;
+        reply.into_inner().job.ok_or_else(|| {
+            anyhow::anyhow!("the coordinator accepted the job but returned no record")
+        })
+    }
+
     /// Runs `f` against the coordinator; when it answers `Unavailable`, switches to the
     /// leader it names (or, with several addresses, to the next one) and retries with
     /// backoff for up to [`LEADER_DEADLINE`]. Other errors are returned as they are.

@@ -256,6 +256,12 @@ struct ClaimFile {
     treatment: String,
     baseline: String,
     held: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    treatment_value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    baseline_value: Option<f64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    unit: String,
 }
 
 impl From<&Claim> for ClaimFile {
@@ -267,6 +273,9 @@ impl From<&Claim> for ClaimFile {
             treatment: c.treatment.clone(),
             baseline: c.baseline.clone(),
             held: c.held,
+            treatment_value: c.treatment_value.filter(|v| v.is_finite()),
+            baseline_value: c.baseline_value.filter(|v| v.is_finite()),
+            unit: c.unit.clone(),
         }
     }
 }
@@ -280,6 +289,9 @@ impl From<ClaimFile> for Claim {
             treatment: c.treatment,
             baseline: c.baseline,
             held: c.held,
+            treatment_value: c.treatment_value,
+            baseline_value: c.baseline_value,
+            unit: c.unit,
         }
     }
 }
@@ -1179,6 +1191,9 @@ mod tests {
                 treatment: "96.55%".into(),
                 baseline: "96.65%".into(),
                 held: true,
+                treatment_value: Some(96.55),
+                baseline_value: Some(96.65),
+                unit: "%".into(),
             }],
         };
         let bytes = results_json("job-1", &table);

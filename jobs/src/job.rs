@@ -79,6 +79,15 @@ pub struct Claim {
     pub baseline: String,
     /// Whether the claim held in this run.
     pub held: bool,
+    /// The single number behind `treatment`, in `unit` (for averaging over seeds).
+    #[serde(default)]
+    pub treatment_value: Option<f64>,
+    /// The single number behind `baseline`, in `unit`.
+    #[serde(default)]
+    pub baseline_value: Option<f64>,
+    /// Unit of the values, e.g. `%`.
+    #[serde(default)]
+    pub unit: String,
 }
 
 /// What a running job can do with the outside world. The rank process implements it;

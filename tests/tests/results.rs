@@ -109,5 +109,52 @@ fn reproduce_prints_whether_the_claims_held() {
             !row["claim"].as_str().unwrap_or_default().is_empty(),
             "{row}"
         );
+        // the number behind the text travels with the claim
+        assert!(
+            row["treatment_value"].as_f64().is_some_and(f64::is_finite),
+            "{row}"
+        );
+        assert_eq!(row["unit"], "nats", "{row}");
     }
+
+    // Two seeds: each a job of its own, then one summary per claim over them.
+    let mut seeded = args.clone();
+    seeded.extend(["--seeds", "3-4"]);
+    let out = cluster.cli(&seeded).ok().json();
+    let runs = out["runs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(runs.len(), 2, "{out}");
+    assert_eq!(
+        (runs[0]["seed"].as_u64(), runs[1]["seed"].as_u64()),
+        (Some(3), Some(4))
+    );
+    assert_ne!(runs[0]["job_id"], runs[1]["job_id"], "{out}");
+    let claims = out["claims"].as_array().cloned().unwrap_or_default();
+    assert_eq!(claims.len(), 1, "{out}");
+    let c = &claims[0];
+    assert_eq!(
+        (c["runs"].as_u64(), c["experiment"].as_str()),
+        (Some(2), Some("cnf/moons"))
+    );
+    assert!(c["held"].as_u64().is_some_and(|h| h <= 2), "{c}");
+    let mean = c["treatment"]["mean"]
+        .as_f64()
+        .expect("a mean over the seeds");
+    let per_seed: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r["treatment_value"].as_f64())
+        .collect();
+    assert_eq!(per_seed.len(), 2, "{out}");
+    assert!(
+        (mean - (per_seed[0] + per_seed[1]) / 2.0).abs() < 1e-9,
+        "{c}"
+    );
+
+    // --seeds and --set seed=… contradict each other: a usage error, nothing submitted.
+    let mut both = args.clone();
+    both.extend(["--seeds", "1", "--set", "seed=2"]);
+    let bad = cluster.cli(&both);
+    assert_eq!(bad.code, 2, "{}", bad.describe());
+    assert!(bad.stderr.contains("--seeds"), "{}", bad.describe());
+    let jobs = cluster.cli(&["jobs", "-o", "json"]).ok().json();
+    assert_eq!(jobs.as_array().map(Vec::len), Some(3), "{jobs}");
 }

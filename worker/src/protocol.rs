@@ -198,6 +198,36 @@ pub struct ClaimMessage {
     pub baseline: String,
     /// Whether it held.
     pub held: bool,
+    /// The number behind `treatment`, in `unit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub treatment_value: Option<f64>,
+    /// The number behind `baseline`, in `unit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_value: Option<f64>,
+    /// Unit of the values.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+}
+
+impl From<&trainyard_jobs::Claim> for ClaimMessage {
+    fn from(c: &trainyard_jobs::Claim) -> Self {
+        Self {
+            experiment: c.experiment.clone(),
+            claim: c.claim.clone(),
+            paper: c.paper.clone(),
+            treatment: c.treatment.clone(),
+            baseline: c.baseline.clone(),
+            held: c.held,
+            treatment_value: finite(c.treatment_value),
+            baseline_value: finite(c.baseline_value),
+            unit: c.unit.clone(),
+        }
+    }
+}
+
+/// `v` if it is a finite number (JSON has no NaN or infinity).
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| v.is_finite())
 }
 
 impl From<ClaimMessage> for Claim {
@@ -209,6 +239,9 @@ impl From<ClaimMessage> for Claim {
             treatment: c.treatment,
             baseline: c.baseline,
             held: c.held,
+            treatment_value: c.treatment_value,
+            baseline_value: c.baseline_value,
+            unit: c.unit,
         }
     }
 }

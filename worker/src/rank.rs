@@ -711,18 +711,7 @@ impl JobContext for RankContext {
             columns: table.columns.clone(),
             rows: table.rows.clone(),
             notes: table.notes.clone(),
-            claims: table
-                .claims
-                .iter()
-                .map(|c| ClaimMessage {
-                    experiment: c.experiment.clone(),
-                    claim: c.claim.clone(),
-                    paper: c.paper.clone(),
-                    treatment: c.treatment.clone(),
-                    baseline: c.baseline.clone(),
-                    held: c.held,
-                })
-                .collect(),
+            claims: table.claims.iter().map(ClaimMessage::from).collect(),
         });
     }
 
@@ -984,6 +973,9 @@ mod tests {
                 experiment: "e".into(),
                 claim: "c".into(),
                 held: true,
+                treatment_value: Some(61.5),
+                baseline_value: Some(f64::NAN),
+                unit: "%".into(),
                 ..Default::default()
             }],
         });
@@ -994,6 +986,10 @@ mod tests {
             RankMessage::Result { claims, .. } => {
                 assert_eq!(claims.len(), 1);
                 assert!(claims[0].held && claims[0].experiment == "e");
+                // a number JSON cannot carry is dropped, not sent as null garbage
+                assert_eq!(claims[0].treatment_value, Some(61.5));
+                assert_eq!(claims[0].baseline_value, None);
+                assert_eq!(claims[0].unit, "%");
             }
             other => panic!("{other:?}"),
         }

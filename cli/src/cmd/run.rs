@@ -5,13 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use trainyard_proto::{CancelJobRequest, SubmitJobRequest};
+use trainyard_proto::CancelJobRequest;
 
 use crate::args::RunArgs;
 use crate::client::Client;
 use crate::cluster::LocalCluster;
 use crate::cmd::submit::follow_to_end;
-use crate::error::rpc;
 use crate::output::{now_unix_ms, utc_timestamp};
 
 /// Heartbeat timeout of the throw-away cluster of `trainyard run`.
@@ -79,14 +78,7 @@ async fn run_on(cluster: &mut LocalCluster, spec: trainyard_proto::JobSpec) -> R
             format!(", {}", kv.join(" "))
         }
     );
-    let job = client
-        .jobs
-        .submit_job(SubmitJobRequest { spec: Some(spec) })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .job
-        .context("the coordinator accepted the job but returned no record")?;
+    let job = client.submit(spec).await?;
     println!("running job {} — {summary}", job.id);
     let code = follow_to_end(&mut client, &job.id, true).await?;
     if code == 130 {

@@ -1,11 +1,10 @@
 //! `trainyard submit`: validate locally, submit, optionally follow.
 
 use anyhow::Result;
-use trainyard_proto::{JobState, SubmitJobRequest};
+use trainyard_proto::JobState;
 
 use crate::args::{OutputFormat, SubmitArgs};
 use crate::client::{Client, Target};
-use crate::error::rpc;
 use crate::follow::follow_job;
 use crate::output::{compact_duration, job_json, job_state_name, print_structured, result_text};
 
@@ -13,22 +12,7 @@ use crate::output::{compact_duration, job_json, job_state_name, print_structured
 pub async fn run(target: &Target, args: SubmitArgs) -> Result<i32> {
     let spec = crate::spec::build_spec(&args.spec)?;
     let mut client = Client::connect(target).await?;
-    let job = client
-        .call(|mut c| {
-            let spec = spec.clone();
-            async move {
-                c.jobs
-                    .submit_job(SubmitJobRequest { spec: Some(spec) })
-                    .await
-            }
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .job
-        .ok_or_else(|| {
-            anyhow::anyhow!("the coordinator accepted the job but returned no record")
-        })?;
+    let job = client.submit(spec).await?;
     let format = args.output.output;
     if !args.follow {
         if !print_structured(format, &job_json(&job))? {

@@ -841,6 +841,9 @@ fn results_table(
                     pct(b.overall_acc)
                 ),
                 held,
+                treatment_value: Some(100.0 * d.rare_recall),
+                baseline_value: Some(100.0 * b.rare_recall),
+                unit: "% rare recall".to_string(),
             });
             let ratio = inverted_ratio(&d.mean_weight);
             claims.push(Claim {
@@ -852,6 +855,9 @@ fn results_table(
                 treatment: format!("{ratio:.2}x"),
                 baseline: "1x (uniform)".to_string(),
                 held: ratio >= 3.0,
+                treatment_value: Some(ratio),
+                baseline_value: Some(1.0),
+                unit: "x".to_string(),
             });
             if b.bias_std > 0.0 {
                 let cut = 1.0 - d.bias_std / b.bias_std;
@@ -864,6 +870,9 @@ fn results_table(
                     treatment: format!("{:.2} points ({:+.0}%)", 100.0 * d.bias_std, -100.0 * cut),
                     baseline: format!("{:.2} points", 100.0 * b.bias_std),
                     held: cut >= 0.3,
+                    treatment_value: Some(100.0 * d.bias_std),
+                    baseline_value: Some(100.0 * b.bias_std),
+                    unit: "points".to_string(),
                 });
             }
             if b.rare_recall > 0.95 {

@@ -782,6 +782,9 @@ fn results_table(s: &Settings, data: &Data, world: usize, results: &[ModelResult
                     pct(m2.hungarian.masked_accuracy)
                 ),
                 held,
+                treatment_value: Some(100.0 * gm.hungarian.accuracy),
+                baseline_value: Some(100.0 * m2.hungarian.accuracy),
+                unit: "%".to_string(),
             });
             claims.push(Claim {
                 experiment: String::new(),
@@ -792,6 +795,9 @@ fn results_table(s: &Settings, data: &Data, world: usize, results: &[ModelResult
                 baseline: format!("M2 {}", pct(m2.hungarian.masked_accuracy)),
                 held: gm.hungarian.masked_accuracy > m2.hungarian.masked_accuracy
                     && m2.hungarian.masked_accuracy < 0.35,
+                treatment_value: Some(100.0 * gm.hungarian.masked_accuracy),
+                baseline_value: Some(100.0 * m2.hungarian.masked_accuracy),
+                unit: "%".to_string(),
             });
             notes.push(format!(
                 "paper's claim (GM-DGM >= 60% overall while M2 stays near the 50% \

@@ -816,6 +816,9 @@ fn results_table(s: &Settings, world: usize, results: &[PhaseResult]) -> Results
             treatment: format!("CNF {:.3} nats", cnf.test_nll),
             baseline: format!("planar {:.3} nats", planar.test_nll),
             held,
+            treatment_value: Some(cnf.test_nll),
+            baseline_value: Some(planar.test_nll),
+            unit: "nats".to_string(),
         });
         claims.push(format!(
             "{}: {} (planar - CNF = {gap:+.3} nats; the brief's target margin 0.1 nats: {})",

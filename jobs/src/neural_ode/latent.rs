@@ -719,6 +719,9 @@ pub fn run(config: &ResolvedConfig, ctx: &dyn JobContext) -> Result<(), JobError
             treatment: interp_extrap(sums[0], sums[1]),
             baseline: interp_extrap(sums[2], sums[3]),
             held: ode_all < rnn_all,
+            treatment_value: Some(ode_all),
+            baseline_value: Some(rnn_all),
+            unit: "RMSE".to_string(),
         });
         if primary {
             ctx.metrics(

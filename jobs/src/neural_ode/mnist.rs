@@ -611,6 +611,9 @@ fn results_table(s: &Settings, world: usize, results: &[ModelResult]) -> Results
                     res.params
                 ),
                 held,
+                treatment_value: Some(100.0 * (1.0 - ode.test_acc)),
+                baseline_value: Some(100.0 * (1.0 - res.test_acc)),
+                unit: "% error".to_string(),
             });
             notes.push(format!(
                 "paper's claim (ODE-Net within 0.7 points of ResNet with about a third of the \

@@ -2,8 +2,11 @@
 //! progress bar each, and prints one table of the papers' claims: the paper's number, ours
 //! for the treatment and the baseline, and whether the claim held. `--markdown FILE` also
 //! writes the table (with the date, the machine and the seeds) for `docs/results.md`.
+//! `--seeds 0-4` runs every job once per seed and adds a table of each claim over the seeds
+//! ([`seeds`]).
 
-use std::collections::BTreeMap;
+mod seeds;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,9 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 use trainyard_proto::job_event::Kind;
-use trainyard_proto::{
-    Claim, GetJobRequest, Job, JobSpec, JobState, SubmitJobRequest, WatchJobRequest,
-};
+use trainyard_proto::{Claim, GetJobRequest, Job, JobSpec, JobState, WatchJobRequest};
 
 use crate::args::OutputFormat;
 use crate::args::ReproduceArgs;
@@ -26,10 +27,13 @@ use crate::output::{job_state_name, new_table, print_structured};
 /// Heartbeat timeout of the local cluster (its workers live in this process).
 const LOCAL_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// One row of the final table.
+/// One row of the final table: a claim of one job run.
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
+    /// The job's label (`gm-dgm`, `neural-ode cnf`), without the seed.
     job: String,
+    /// The seed `--seeds` gave the run (`None`: the job's own).
+    seed: Option<u64>,
     job_id: String,
     state: String,
     claim: Claim,
@@ -74,6 +78,26 @@ pub async fn run(target: &Target, args: ReproduceArgs) -> Result<i32> {
         }
         overrides.push((k, v));
     }
+    let seeds = match &args.seeds {
+        None => None,
+        Some(list) => {
+            if overrides.iter().any(|(k, _)| k == SEED_KEY) {
+                return Err(bad_input(
+                    "--seeds: conflicts with --set seed=...; give the seeds with --seeds alone",
+                ));
+            }
+            if let Some(name) = names.iter().find(|n| {
+                registry
+                    .get(n)
+                    .is_some_and(|j| j.schema().key(SEED_KEY).is_none())
+            }) {
+                return Err(bad_input(format!(
+                    "--seeds: job {name} has no {SEED_KEY} config key"
+                )));
+            }
+            Some(seeds::parse_seeds(list)?)
+        }
+    };
     let mut local = None;
     let target = if args.local {
         let data_dir = args.data_dir.clone().unwrap_or_else(|| {
@@ -103,23 +127,49 @@ pub async fn run(target: &Target, args: ReproduceArgs) -> Result<i32> {
     } else {
         target.clone()
     };
-    let outcome = reproduce_on(&target, &names, &overrides, &args).await;
+    let outcome = reproduce_on(&target, &names, &overrides, seeds.as_deref(), &args).await;
     if let Some(cluster) = local {
         cluster.stop().await?;
     }
     outcome
 }
 
+/// One job run: the job's label, the seed `--seeds` gave it, the job's id.
+#[derive(Debug, Clone)]
+struct Submitted {
+    label: String,
+    seed: Option<u64>,
+    id: String,
+}
+
+impl Submitted {
+    /// The label with the seed, for progress bars and messages.
+    fn display(&self) -> String {
+        match self.seed {
+            Some(s) => format!("{} seed {s}", self.label),
+            None => self.label.clone(),
+        }
+    }
+}
+
 async fn reproduce_on(
     target: &Target,
     names: &[String],
     overrides: &[(String, String)],
+    seeds: Option<&[u64]>,
     args: &ReproduceArgs,
 ) -> Result<i32> {
     let registry = trainyard_jobs::registry();
     let mut client = Client::connect(target).await?;
     let mut submitted = Vec::new();
-    for (name, experiment) in runs(names, overrides) {
+    let seed_list: Vec<Option<u64>> = match seeds {
+        Some(s) => s.iter().copied().map(Some).collect(),
+        None => vec![None],
+    };
+    for ((name, experiment), seed) in runs(names, overrides)
+        .into_iter()
+        .flat_map(|run| seed_list.iter().map(move |s| (run.clone(), *s)))
+    {
         // Each job takes the overrides of the keys it has, and its experiment.
         let mut config: std::collections::HashMap<String, String> = overrides
             .iter()
@@ -137,61 +187,74 @@ async fn reproduce_on(
             }
             None => name.clone(),
         };
+        let run = Submitted {
+            label,
+            seed,
+            id: String::new(),
+        };
+        if let Some(seed) = seed {
+            config.insert(SEED_KEY.to_string(), seed.to_string());
+        }
         let spec = JobSpec {
             config,
             job: name.clone(),
-            name: format!("reproduce {label} ({})", args.preset),
+            name: format!("reproduce {} ({})", run.display(), args.preset),
             preset: args.preset.clone(),
             ranks: args.ranks,
             max_restarts: 2,
             ..Default::default()
         };
-        let job = client
-            .jobs
-            .submit_job(SubmitJobRequest { spec: Some(spec) })
-            .await
-            .map_err(rpc)?
-            .into_inner()
-            .job
-            .context("the coordinator accepted a job but returned no record")?;
+        let job = client.submit(spec).await?;
         // Keep stdout to the table (or the JSON/YAML) alone.
-        eprintln!("submitted {label}: {}", job.id);
-        submitted.push((label, job.id));
+        eprintln!("submitted {}: {}", run.display(), job.id);
+        submitted.push(Submitted { id: job.id, ..run });
     }
     let multi = MultiProgress::new();
     let mut watches = Vec::new();
-    for (name, id) in &submitted {
+    for run in &submitted {
         let bar = multi.add(ProgressBar::new(0));
         bar.set_style(style());
-        bar.set_prefix(format!("{name:<12}"));
+        bar.set_prefix(format!("{:<12}", run.display()));
         bar.set_message("pending");
         bar.enable_steady_tick(Duration::from_millis(200));
         let target = target.clone();
-        let (name, id) = (name.clone(), id.clone());
+        let run = run.clone();
         watches.push(tokio::spawn(async move {
-            let result = watch(&target, &id, &bar).await;
+            let result = watch(&target, &run.id, &bar).await;
             bar.finish();
-            (name, result)
+            (run, result)
         }));
     }
-    let mut jobs: Vec<(String, Job)> = Vec::new();
+    let mut jobs: Vec<(Submitted, Job)> = Vec::new();
     for w in watches {
-        let (name, job) = w.await.context("a watch task failed")?;
-        jobs.push((name, job?));
+        let (run, job) = w.await.context("a watch task failed")?;
+        jobs.push((run, job?));
     }
     let _ = multi.clear();
     let rows = rows(&jobs);
+    let summaries = seeds.map(|_| seeds::summarise(&rows));
     let failed = jobs
         .iter()
         .filter(|(_, j)| j.state() != JobState::Succeeded)
         .count();
-    let value = Value::Array(rows.iter().map(row_json).collect());
+    let runs_json = Value::Array(rows.iter().map(row_json).collect());
+    let value = match &summaries {
+        None => runs_json,
+        Some(s) => json!({
+            "runs": runs_json,
+            "claims": s.iter().map(seeds::Summary::to_json).collect::<Vec<_>>(),
+        }),
+    };
     if !print_structured(args.output.output, &value)? {
         println!("{}", table(&rows));
-        for (name, job) in &jobs {
+        if let Some(s) = &summaries {
+            println!("\nOver the seeds:\n{}", summary_table(s));
+        }
+        for (run, job) in &jobs {
             if job.state() != JobState::Succeeded {
                 println!(
-                    "{name} ({}) {}: {}",
+                    "{} ({}) {}: {}",
+                    run.display(),
                     job.id,
                     job_state_name(job.state),
                     job.state_reason
@@ -200,7 +263,7 @@ async fn reproduce_on(
         }
     }
     if let Some(path) = &args.markdown {
-        write_markdown(path, &args.preset, &jobs, &rows)?;
+        write_markdown(path, &args.preset, &jobs, &rows, summaries.as_deref())?;
         if args.output.output == OutputFormat::Table {
             println!("wrote {}", path.display());
         }
@@ -218,6 +281,9 @@ fn style() -> ProgressStyle {
 
 /// The config key that selects a job's experiment (a choice key, when a job has one).
 const EXPERIMENT_KEY: &str = "experiment";
+
+/// The config key of a job's random seed (`--seeds` sets it).
+const SEED_KEY: &str = "seed";
 
 /// What to submit: one run per job, or, for a job with an `experiment` choice key that
 /// `--set` does not pin, one run per experiment (the whole paper).
@@ -275,9 +341,9 @@ async fn watch(target: &Target, id: &str, bar: &ProgressBar) -> Result<Job> {
 
 /// The claims of every job: its structured claims, else its notes that say HELD / NOT HELD,
 /// else one row saying it has none (or why it failed).
-fn rows(jobs: &[(String, Job)]) -> Vec<Row> {
+fn rows(jobs: &[(Submitted, Job)]) -> Vec<Row> {
     let mut out = Vec::new();
-    for (name, job) in jobs {
+    for (run, job) in jobs {
         let state = job_state_name(job.state).to_string();
         let claims: Vec<Claim> = match &job.result {
             Some(r) if !r.claims.is_empty() => r.claims.clone(),
@@ -286,7 +352,8 @@ fn rows(jobs: &[(String, Job)]) -> Vec<Row> {
         };
         if claims.is_empty() {
             out.push(Row {
-                job: name.clone(),
+                job: run.label.clone(),
+                seed: run.seed,
                 job_id: job.id.clone(),
                 state: state.clone(),
                 claim: Claim {
@@ -301,7 +368,8 @@ fn rows(jobs: &[(String, Job)]) -> Vec<Row> {
         }
         for claim in claims {
             out.push(Row {
-                job: name.clone(),
+                job: run.label.clone(),
+                seed: run.seed,
                 job_id: job.id.clone(),
                 state: state.clone(),
                 claim,
@@ -344,17 +412,29 @@ fn verdict(row: &Row) -> &'static str {
     }
 }
 
+/// The claim with its experiment, `[cnf/two-moons] CNF NLL below …`.
+fn claim_text(experiment: &str, claim: &str) -> String {
+    if experiment.is_empty() {
+        claim.to_string()
+    } else {
+        format!("[{experiment}] {claim}")
+    }
+}
+
+/// The job's label with the run's seed, when `--seeds` gave one.
+fn job_text(r: &Row) -> String {
+    match r.seed {
+        Some(s) => format!("{} (seed {s})", r.job),
+        None => r.job.clone(),
+    }
+}
+
 fn table(rows: &[Row]) -> String {
     let mut t = new_table(["Job", "Claim", "Paper", "Ours", "Baseline", "Held"]);
     for r in rows {
-        let claim = if r.claim.experiment.is_empty() {
-            r.claim.claim.clone()
-        } else {
-            format!("[{}] {}", r.claim.experiment, r.claim.claim)
-        };
         t.add_row([
-            r.job.clone(),
-            claim,
+            job_text(r),
+            claim_text(&r.claim.experiment, &r.claim.claim),
             r.claim.paper.clone(),
             r.claim.treatment.clone(),
             r.claim.baseline.clone(),
@@ -364,9 +444,27 @@ fn table(rows: &[Row]) -> String {
     t.to_string()
 }
 
+/// Each claim over the seeds: ours and the baseline as mean ± std (each seed's value), and
+/// on how many seeds it held.
+fn summary_table(summaries: &[seeds::Summary]) -> String {
+    let mut t = new_table(["Job", "Claim", "Ours", "Baseline", "Held"]);
+    for s in summaries {
+        let (held, runs) = s.held();
+        t.add_row([
+            s.job.clone(),
+            claim_text(&s.experiment, &s.claim),
+            s.treatment(),
+            s.baseline(),
+            format!("{held}/{runs}"),
+        ]);
+    }
+    t.to_string()
+}
+
 fn row_json(r: &Row) -> Value {
     json!({
         "job": r.job,
+        "seed": r.seed,
         "job_id": r.job_id,
         "state": r.state,
         "experiment": r.claim.experiment,
@@ -375,6 +473,9 @@ fn row_json(r: &Row) -> Value {
         "treatment": r.claim.treatment,
         "baseline": r.claim.baseline,
         "held": verdict(r) == "HELD",
+        "treatment_value": r.claim.treatment_value,
+        "baseline_value": r.claim.baseline_value,
+        "unit": r.claim.unit,
     })
 }
 
@@ -409,21 +510,22 @@ fn machine() -> String {
     format!("{host}: {os}, {cores} cores")
 }
 
-/// The `seed` of each job's resolved config.
-fn seeds(jobs: &[(String, Job)]) -> BTreeMap<String, String> {
-    jobs.iter()
-        .map(|(name, job)| {
-            let seed = serde_json::from_str::<Value>(&job.resolved_config_json)
-                .ok()
-                .and_then(|v| v.get("values").and_then(|v| v.get("seed")).cloned())
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "?".into());
-            (name.clone(), seed)
-        })
-        .collect()
+/// The `seed` of a job's resolved config (`?` when it has none).
+fn resolved_seed(job: &Job) -> String {
+    serde_json::from_str::<Value>(&job.resolved_config_json)
+        .ok()
+        .and_then(|v| v.get("values").and_then(|v| v.get(SEED_KEY)).cloned())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "?".into())
 }
 
-fn write_markdown(path: &Path, preset: &str, jobs: &[(String, Job)], rows: &[Row]) -> Result<()> {
+fn write_markdown(
+    path: &Path,
+    preset: &str,
+    jobs: &[(Submitted, Job)],
+    rows: &[Row],
+    summaries: Option<&[seeds::Summary]>,
+) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -435,32 +537,46 @@ fn write_markdown(path: &Path, preset: &str, jobs: &[(String, Job)], rows: &[Row
         crate::output::utc_timestamp(now),
         machine()
     ));
+    let cell = |c: &str| c.replace('|', "\\|");
+    if let Some(summaries) = summaries {
+        md.push_str(
+            "Over the seeds (mean ± sample std, then each seed's value in seed order):\n\n\
+             | job | claim | ours | baseline | held |\n|---|---|---|---|---|\n",
+        );
+        for s in summaries {
+            let (held, runs) = s.held();
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {held}/{runs} |\n",
+                cell(&s.job),
+                cell(&claim_text(&s.experiment, &s.claim)),
+                cell(&s.treatment()),
+                cell(&s.baseline()),
+            ));
+        }
+        md.push_str("\nEach run:\n\n");
+    }
     md.push_str("| job | claim | paper | ours | baseline | held |\n|---|---|---|---|---|---|\n");
     for r in rows {
-        let claim = if r.claim.experiment.is_empty() {
-            r.claim.claim.clone()
-        } else {
-            format!("[{}] {}", r.claim.experiment, r.claim.claim)
-        };
+        let (job, claim) = (job_text(r), claim_text(&r.claim.experiment, &r.claim.claim));
         let cells = [
-            r.job.as_str(),
+            job.as_str(),
             claim.as_str(),
             r.claim.paper.as_str(),
             r.claim.treatment.as_str(),
             r.claim.baseline.as_str(),
             verdict(r),
         ];
-        let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+        let cells: Vec<String> = cells.iter().map(|c| cell(c)).collect();
         md.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     md.push_str("\nJobs and seeds:\n\n");
-    let seeds = seeds(jobs);
-    for (name, job) in jobs {
+    for (run, job) in jobs {
         md.push_str(&format!(
-            "- `{name}`: job {} ({}), seed {}\n",
+            "- `{}`: job {} ({}), seed {}\n",
+            run.label,
             job.id,
             job_state_name(job.state),
-            seeds.get(name).map(String::as_str).unwrap_or("?")
+            resolved_seed(job)
         ));
     }
     std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))
@@ -505,6 +621,7 @@ mod tests {
                 treatment: "2.1".into(),
                 baseline: "2.4".into(),
                 held: true,
+                ..Default::default()
             }],
             ..Default::default()
         };
@@ -517,10 +634,15 @@ mod tests {
             ],
             ..Default::default()
         };
+        let run = |label: &str| Submitted {
+            label: label.into(),
+            seed: None,
+            id: "job-1".into(),
+        };
         let jobs = vec![
-            ("a".to_string(), job(JobState::Succeeded, Some(structured))),
-            ("b".to_string(), job(JobState::Succeeded, Some(noted))),
-            ("c".to_string(), job(JobState::Failed, None)),
+            (run("a"), job(JobState::Succeeded, Some(structured))),
+            (run("b"), job(JobState::Succeeded, Some(noted))),
+            (run("c"), job(JobState::Failed, None)),
         ];
         let rows = rows(&jobs);
         assert_eq!(rows.len(), 4);
@@ -536,15 +658,60 @@ mod tests {
         assert_eq!(verdict(&rows[3]), "-");
         let text = table(&rows);
         assert!(text.contains("[cnf] CNF NLL below planar"), "{text}");
-        assert_eq!(seeds(&jobs)["a"], "7");
+        assert_eq!(resolved_seed(&jobs[0].1), "7");
         let dir = tempfile::tempdir().unwrap();
         let md = dir.path().join("results.md");
-        write_markdown(&md, "quick", &jobs, &rows).unwrap();
+        write_markdown(&md, "quick", &jobs, &rows, None).unwrap();
         let md = std::fs::read_to_string(md).unwrap();
         assert!(
             md.contains("| a | [cnf] CNF NLL below planar | - | 2.1 | 2.4 | HELD |"),
             "{md}"
         );
         assert!(md.contains("seed 7"), "{md}");
+    }
+
+    #[test]
+    fn seeded_runs_are_labelled_and_summarised_in_markdown() {
+        let claim = |t: f64, held: bool| ResultTable {
+            claims: vec![Claim {
+                claim: "GM-DGM >= 60%".into(),
+                paper: "77.2%".into(),
+                treatment: format!("GM-DGM {t}%"),
+                baseline: "M2 50%".into(),
+                held,
+                treatment_value: Some(t),
+                baseline_value: Some(50.0),
+                unit: "%".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let jobs: Vec<(Submitted, Job)> = [(0, 61.0, true), (1, 59.0, false)]
+            .into_iter()
+            .map(|(seed, t, held)| {
+                let run = Submitted {
+                    label: "gm-dgm".into(),
+                    seed: Some(seed),
+                    id: format!("job-{seed}"),
+                };
+                assert_eq!(run.display(), format!("gm-dgm seed {seed}"));
+                (run, job(JobState::Succeeded, Some(claim(t, held))))
+            })
+            .collect();
+        let rows = rows(&jobs);
+        assert_eq!(job_text(&rows[1]), "gm-dgm (seed 1)");
+        let summaries = seeds::summarise(&rows);
+        let text = summary_table(&summaries);
+        assert!(text.contains("60.00 ± 1.41 % (61.00, 59.00)"), "{text}");
+        assert!(text.contains("1/2"), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("results.md");
+        write_markdown(&md, "quick", &jobs, &rows, Some(&summaries)).unwrap();
+        let md = std::fs::read_to_string(md).unwrap();
+        assert!(
+            md.contains("| gm-dgm | GM-DGM >= 60% | 60.00 ± 1.41 % (61.00, 59.00) | 50.00 ± 0.00 % (50.00, 50.00) | 1/2 |"),
+            "{md}"
+        );
+        assert!(md.contains("| gm-dgm (seed 1) | GM-DGM >= 60% |"), "{md}");
     }
 }
