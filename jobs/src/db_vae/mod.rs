@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(b.state["world_size"], 2);
     }
 
-    /// The `quick` preset, in-process, printing its log and table (1.5 to 4 minutes in a
+    /// The `quick` preset, in-process, printing its log and table (about 1.5 minutes in a
     /// release build on 2 shared cores; nextest's slow-timeout may kill it, so use cargo test):
     /// `cargo test --release -p trainyard-jobs --lib db_vae::tests::quick_preset --
     /// --ignored --nocapture`; `DB_VAE_SET=key=value,...` overrides keys.
@@ -260,8 +260,9 @@ mod tests {
             .unwrap();
         let quick = job.resolve_config("quick", &BTreeMap::new()).unwrap();
         assert_eq!(quick.get_usize("latent_dim").unwrap(), 16);
-        assert_eq!(quick.get_usize("train_positives").unwrap(), 3000);
-        assert_eq!(quick.get_usize("epochs").unwrap(), 3);
+        assert_eq!(quick.get_usize("train_positives").unwrap(), 8000);
+        assert_eq!(quick.get_usize("epochs").unwrap(), 5);
+        assert_eq!(quick.get_f64("rare_fraction").unwrap(), 0.01);
         assert_eq!(quick.get_str("combine").unwrap(), "max");
         assert_eq!(quick.get_f64("alpha").unwrap(), 0.01);
         let paper = job.resolve_config("paper", &BTreeMap::new()).unwrap();
