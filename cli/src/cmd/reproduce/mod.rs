@@ -36,6 +36,8 @@ struct Row {
     seed: Option<u64>,
     job_id: String,
     state: String,
+    /// False for the placeholder row of a job that reported no claim (failed, or none).
+    checked: bool,
     claim: Claim,
 }
 
@@ -356,6 +358,7 @@ fn rows(jobs: &[(Submitted, Job)]) -> Vec<Row> {
                 seed: run.seed,
                 job_id: job.id.clone(),
                 state: state.clone(),
+                checked: false,
                 claim: Claim {
                     claim: if job.state() == JobState::Succeeded {
                         "(the job reported no claims)".into()
@@ -372,6 +375,7 @@ fn rows(jobs: &[(Submitted, Job)]) -> Vec<Row> {
                 seed: run.seed,
                 job_id: job.id.clone(),
                 state: state.clone(),
+                checked: true,
                 claim,
             });
         }
@@ -403,7 +407,7 @@ fn claim_from_note(note: &str) -> Option<Claim> {
 }
 
 fn verdict(row: &Row) -> &'static str {
-    if row.state != "SUCCEEDED" {
+    if row.state != "SUCCEEDED" || !row.checked {
         "-"
     } else if row.claim.held {
         "HELD"
@@ -530,9 +534,22 @@ fn write_markdown(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    let mut seeds: Vec<String> = Vec::new();
+    for (run, _) in jobs {
+        if let Some(s) = run.seed.map(|s| s.to_string()) {
+            if !seeds.contains(&s) {
+                seeds.push(s);
+            }
+        }
+    }
+    let seeds = if seeds.is_empty() {
+        String::new()
+    } else {
+        format!(" --seeds {}", seeds.join(","))
+    };
     let mut md = String::new();
     md.push_str(&format!(
-        "# Reproduced claims (`{preset}` preset)\n\nWritten by `trainyard reproduce --preset {preset} --markdown {}` on {} UTC, on {}.\n\n",
+        "# Reproduced claims (`{preset}` preset)\n\nWritten by `trainyard reproduce --preset {preset}{seeds} --markdown {}` on {} UTC, on {}.\n\n",
         path.display(),
         crate::output::utc_timestamp(now),
         machine()
@@ -655,6 +672,16 @@ mod tests {
         assert_eq!(verdict(&rows[1]), "HELD");
         assert_eq!(verdict(&rows[2]), "NOT HELD");
         assert_eq!(rows[3].claim.claim, "(job failed)");
+        let none = super::rows(&[(
+            run("d"),
+            job(JobState::Succeeded, Some(ResultTable::default())),
+        )]);
+        assert_eq!(none[0].claim.claim, "(the job reported no claims)");
+        assert_eq!(
+            verdict(&none[0]),
+            "-",
+            "nothing checked is not a failed claim"
+        );
         assert_eq!(verdict(&rows[3]), "-");
         let text = table(&rows);
         assert!(text.contains("[cnf] CNF NLL below planar"), "{text}");
@@ -713,5 +740,6 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| gm-dgm (seed 1) | GM-DGM >= 60% |"), "{md}");
+        assert!(md.contains("--seeds 0,1 --markdown"), "{md}");
     }
 }

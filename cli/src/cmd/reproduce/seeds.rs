@@ -139,7 +139,7 @@ pub fn summarise(rows: &[Row]) -> Vec<Summary> {
             seed: r.seed,
             job_id: r.job_id.clone(),
             succeeded: r.state == "SUCCEEDED",
-            held: r.claim.held,
+            held: r.checked && r.claim.held,
             treatment: r.claim.treatment_value,
             baseline: r.claim.baseline_value,
         };
@@ -230,6 +230,7 @@ mod tests {
             seed: Some(seed),
             job_id: format!("job-{seed}"),
             state: state.into(),
+            checked: true,
             claim: Claim {
                 claim: "GM-DGM >= 60%".into(),
                 paper: "77.2%".into(),
