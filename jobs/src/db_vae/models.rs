@@ -16,9 +16,7 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::Linear;
-
-use crate::nn::{GemmConv2d, GemmConvTranspose2d, GroupNorm};
+use crate::nn::{relu, GemmConv2d, GemmConvTranspose2d, GroupNorm, Linear};
 
 /// Channels of the encoder's convolutions (the decoder mirrors them).
 pub const CHANNELS: [usize; 4] = [12, 24, 48, 72];
@@ -63,9 +61,9 @@ impl Encoder {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (conv, norm) in &self.convs {
-            h = norm.forward(&conv.forward(&h)?.relu()?)?;
+            h = norm.forward(&relu(&conv.forward(&h)?)?)?;
         }
-        let h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
+        let h = relu(&self.fc1.forward(&h.flatten_from(1)?)?)?;
         self.fc2.forward(&h)
     }
 }
@@ -109,15 +107,12 @@ impl Decoder {
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let b = z.dim(0)?;
         let mut h =
-            self.fc
-                .forward(z)?
-                .relu()?
-                .reshape((b, CHANNELS[3], FEATURE_SIDE, FEATURE_SIDE))?;
+            relu(&self.fc.forward(z)?)?.reshape((b, CHANNELS[3], FEATURE_SIDE, FEATURE_SIDE))?;
         let last = self.deconvs.len() - 1;
         for (i, d) in self.deconvs.iter().enumerate() {
             h = d.forward(&h)?;
             h = if i < last {
-                h.relu()?
+                relu(&h)?
             } else {
                 candle_nn::ops::sigmoid(&h)?
             };

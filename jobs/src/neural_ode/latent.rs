@@ -219,7 +219,8 @@ impl LatentOde {
             zs.push(z.clone());
         }
         let z = Tensor::stack(&zs, 1)?;
-        self.dec2.forward(&self.dec1.forward(&z)?.relu()?)
+        self.dec2
+            .forward(&crate::nn::relu(&self.dec1.forward(&z)?)?)
     }
 
     /// The negative ELBO per spiral (mean over the batch) and its reconstruction, from
