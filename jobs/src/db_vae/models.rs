@@ -16,7 +16,9 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::{relu, GemmConv2d, GemmConvTranspose2d, GroupNorm, Linear};
+use crate::nn::Linear;
+
+use crate::nn::{GemmConv2d, GemmConvTranspose2d, GroupNorm};
 
 /// Channels of the encoder's convolutions (the decoder mirrors them).
 pub const CHANNELS: [usize; 4] = [12, 24, 48, 72];
@@ -61,9 +63,9 @@ impl Encoder {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (conv, norm) in &self.convs {
-            h = norm.forward(&relu(&conv.forward(&h)?)?)?;
+            h = norm.forward(&conv.forward(&h)?.relu()?)?;
         }
-        let h = relu(&self.fc1.forward(&h.flatten_from(1)?)?)?;
+        let h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
         self.fc2.forward(&h)
     }
 }
@@ -107,12 +109,15 @@ impl Decoder {
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let b = z.dim(0)?;
         let mut h =
-            relu(&self.fc.forward(z)?)?.reshape((b, CHANNELS[3], FEATURE_SIDE, FEATURE_SIDE))?;
+            self.fc
+                .forward(z)?
+                .relu()?
+                .reshape((b, CHANNELS[3], FEATURE_SIDE, FEATURE_SIDE))?;
         let last = self.deconvs.len() - 1;
         for (i, d) in self.deconvs.iter().enumerate() {
             h = d.forward(&h)?;
             h = if i < last {
-                relu(&h)?
+                h.relu()?
             } else {
                 candle_nn::ops::sigmoid(&h)?
             };

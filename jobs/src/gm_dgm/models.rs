@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::data::derived_rng;
 use crate::nn::fastmath::{sigmoid, softplus};
-use crate::nn::{linear, linear_no_bias, relu, Linear};
+use crate::nn::{linear, linear_no_bias, Linear};
 use crate::train::named_vars;
 
 const LOG_2PI: f64 = 1.837_877_066_409_345_5;
@@ -96,8 +96,8 @@ impl Classifier {
 
     /// Logits `[B, n_y]` of images `[B, n_x]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = relu(&self.h1.forward(x)?)?;
-        let h = relu(&self.h2.forward(&h)?)?;
+        let h = self.h1.forward(x)?.relu()?;
+        let h = self.h2.forward(&h)?.relu()?;
         self.out.forward(&h)
     }
 }
@@ -131,8 +131,8 @@ impl Encoder {
 
     /// `(μ, logvar)` `[R, n_z]` from [`Encoder::project_x`] rows and one-hot `y` rows.
     pub fn forward(&self, hx: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let h = relu(&(hx + self.y_in.forward(y)?)?)?;
-        let h = relu(&self.h2.forward(&h)?)?;
+        let h = (hx + self.y_in.forward(y)?)?.relu()?;
+        let h = self.h2.forward(&h)?.relu()?;
         Ok((self.mu.forward(&h)?, self.logvar.forward(&h)?))
     }
 }
@@ -168,7 +168,7 @@ impl Decoder {
         if let Some(y_in) = &self.y_in {
             h = (h + y_in.forward(y)?)?;
         }
-        let h = relu(&self.h2.forward(&relu(&h)?)?)?;
+        let h = self.h2.forward(&h.relu()?)?.relu()?;
         self.out.forward(&h)
     }
 }

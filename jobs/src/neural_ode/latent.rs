@@ -219,8 +219,7 @@ impl LatentOde {
             zs.push(z.clone());
         }
         let z = Tensor::stack(&zs, 1)?;
-        self.dec2
-            .forward(&crate::nn::relu(&self.dec1.forward(&z)?)?)
+        self.dec2.forward(&self.dec1.forward(&z)?.relu()?)
     }
 
     /// The negative ELBO per spiral (mean over the batch) and its reconstruction, from

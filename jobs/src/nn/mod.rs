@@ -5,51 +5,14 @@ pub mod conv_transpose;
 pub mod fastmath;
 pub mod linear;
 pub mod norm;
-pub mod relu;
 
 pub use conv::GemmConv2d;
 pub use conv_transpose::GemmConvTranspose2d;
 pub use linear::{bias_add, linear, linear_no_bias, Linear};
 pub use norm::GroupNorm;
-pub use relu::relu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
-
-/// Elements below which a CPU kernel runs on the calling thread: handing work to the pool
-/// costs more than it saves for small tensors.
-pub(crate) const PARALLEL_MIN: usize = 1 << 15;
-
-/// Rows per parallel task for a kernel over `len / n` rows of `n`: all of them (run
-/// inline) below [`PARALLEL_MIN`] elements, else enough for about 4 tasks per thread.
-pub(crate) fn row_block(len: usize, n: usize) -> usize {
-    let rows = len / n.max(1);
-    if len < PARALLEL_MIN {
-        return rows.max(1);
-    }
-    let tasks = 4 * rayon::current_num_threads();
-    rows.div_ceil(tasks).max(1)
-}
-
-/// Runs `kernel(out_block, input_block)` over matching blocks of whole rows of `n` of `out`
-/// and `input` (same length), split between rayon's threads when large (the pool candle's
-/// matrix products run on, so its threads are warm).
-pub(crate) fn zip_rows<T: Send, U: Sync>(
-    out: &mut [T],
-    input: &[U],
-    n: usize,
-    kernel: impl Fn(&mut [T], &[U]) + Sync + Send,
-) {
-    use rayon::prelude::*;
-    let block = row_block(input.len(), n) * n.max(1);
-    if block >= input.len() {
-        kernel(out, input);
-    } else {
-        out.par_chunks_mut(block)
-            .zip(input.par_chunks(block))
-            .for_each(|(o, x)| kernel(o, x));
-    }
-}
 
 /// The contiguous data of one argument of a custom op (`what` names it in the error).
 pub(crate) fn contiguous_slice<'a, T>(
@@ -62,35 +25,6 @@ pub(crate) fn contiguous_slice<'a, T>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: the {what} must be contiguous"),
     }
-}
-
-/// Runs the `f32` or `f64` kernel of a two-argument custom op `op` on its CPU storages,
-/// which must share one of those dtypes and be contiguous (`names` name the arguments in
-/// errors).
-pub(crate) fn dispatch2(
-    op: &str,
-    names: [&str; 2],
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    f32_kernel: impl Fn(&[f32], &[f32]) -> Vec<f32>,
-    f64_kernel: impl Fn(&[f64], &[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    let [n1, n2] = names;
-    Ok(match (s1, s2) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(f32_kernel(
-            contiguous_slice(op, a, l1, n1)?,
-            contiguous_slice(op, b, l2, n2)?,
-        )),
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(f64_kernel(
-            contiguous_slice(op, a, l1, n1)?,
-            contiguous_slice(op, b, l2, n2)?,
-        )),
-        _ => candle_core::bail!(
-            "{op}: unsupported dtypes {:?}, {:?}",
-            s1.dtype(),
-            s2.dtype()
-        ),
-    })
 }
 
 /// Runs the `f32` or `f64` kernel of a three-argument custom op `op` on its CPU storages,
