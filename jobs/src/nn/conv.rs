@@ -20,8 +20,9 @@
 //! long copies rather than many short ones: a "same" convolution (stride 1, output as large
 //! as the input: the 3×3 layers of the ResNet blocks and the ODE function) orders the
 //! columns pixel-major, `(oy, ox, image)`, so that a patch row is one shifted copy of a
-//! channel for all the chunk's images ([`im2col_same`]); a strided one splits each input
-//! row into its column phases first ([`im2col_strided`]); others go row by row.
+//! channel for all the chunk's images ([`im2col_same`]); a strided one (small maps: the
+//! DB-VAE's encoder) gathers each patch row through a precomputed index
+//! ([`im2col_strided`]); others go row by row.
 //!
 //! The GEMMs are the `gemm` crate's (what candle's CPU matmul calls). With several threads
 //! (`RAYON_NUM_THREADS`, as candle) the chunks run in parallel on rayon's pool when there
@@ -359,124 +360,80 @@ fn clear_columns<T: Elem>(d: &mut [T], ow: usize, keep: std::ops::Range<usize>) 
     }
 }
 
-/// Where patch row `(ky, kx)` of a strided convolution reads: its valid output rows and
-/// columns, and for the first valid column the input's column phase `q` (`ix mod s`) and
-/// index `j0` in that phase (`ix div s`); the following columns are `j0 + 1, …`.
-struct StridedTap {
-    oys: std::ops::Range<usize>,
-    oxs: std::ops::Range<usize>,
-    q: usize,
-    j0: usize,
-}
-
-impl Geometry {
-    fn tap(&self, ky: usize, kx: usize) -> StridedTap {
-        let (oys, oxs) = (
-            self.valid(self.out_h(), ky, self.h),
-            self.valid(self.out_w(), kx, self.w),
-        );
-        let t = (oxs.start * self.stride + kx).saturating_sub(self.pad);
-        StridedTap {
-            oys,
-            oxs,
-            q: t % self.stride,
-            j0: t / self.stride,
+/// For strides above 1: for every tap `r = (ky, kx)` and output pixel `o = (oy, ox)`, at
+/// `r · P + o`, the index in the input plane of the pixel the patch reads, or `plane` (one
+/// past the end: a zero slot) where it reads padding.
+fn strided_taps(g: Geometry) -> Vec<u32> {
+    let (oh, ow, plane) = (g.out_h(), g.out_w(), g.h * g.w);
+    let mut idx = Vec::with_capacity(g.k * g.k * oh * ow);
+    for ky in 0..g.k {
+        for kx in 0..g.k {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
+                    let inside = iy >= g.pad && ix >= g.pad && iy - g.pad < g.h && ix - g.pad < g.w;
+                    idx.push(if inside {
+                        ((iy - g.pad) * g.w + ix - g.pad) as u32
+                    } else {
+                        plane as u32
+                    });
+                }
+            }
         }
     }
+    idx
 }
 
-/// [`im2col`] for strides above 1. Each input plane is first split into its `s` column
-/// phases (phase `q`, row `iy` holding the columns `q, q + s, …` of row `iy`), so that the
-/// valid part of every patch row segment is one contiguous copy from a phase.
+/// [`im2col`] for strides above 1: each image-channel plane is copied once into a buffer
+/// with a zero slot after it, then every tap's row of the patch matrix is one gather
+/// through [`strided_taps`] (feature maps here are small: a row-by-row copy spent more on
+/// its per-row bookkeeping than on copying).
 fn im2col_strided<T: Elem>(x: &[T], g: Geometry, b0: usize, nb: usize, out: &mut [T]) {
-    let (ow, p, s) = (g.out_w(), g.pixels(), g.stride);
+    let (p, kk) = (g.pixels(), g.k * g.k);
     let n = nb * p;
     let plane = g.h * g.w;
-    let wq = g.w.div_ceil(s);
-    let zero = T::default();
-    let taps: Vec<StridedTap> = (0..g.k * g.k).map(|r| g.tap(r / g.k, r % g.k)).collect();
-    // phase q, row iy at (q·h + iy)·wq; entries past a phase's width are never read
-    let mut ph = scratch::<T>(s * g.h * wq);
+    let idx = strided_taps(g);
+    let mut padded = scratch::<T>(plane + 1);
+    padded[plane] = T::default();
     for i in 0..nb {
         for c in 0..g.c {
-            let src = &x[((b0 + i) * g.c + c) * plane..][..plane];
-            for (iy, row) in src.chunks_exact(g.w).enumerate() {
-                for q in 0..s.min(g.w) {
-                    let dst = &mut ph[(q * g.h + iy) * wq..][..wq];
-                    for (d, v) in dst.iter_mut().zip(row[q..].iter().step_by(s)) {
-                        *d = *v;
-                    }
-                }
-            }
-            for (r, tap) in taps.iter().enumerate() {
-                let ky = r / g.k;
-                let d = &mut out[(c * g.k * g.k + r) * n + i * p..][..p];
-                if tap.oys.is_empty() || tap.oxs.is_empty() {
-                    d.fill(zero);
-                    continue;
-                }
-                let len = tap.oxs.len();
-                d[..tap.oys.start * ow].fill(zero);
-                d[tap.oys.end * ow..].fill(zero);
-                for oy in tap.oys.clone() {
-                    let iy = oy * s + ky - g.pad;
-                    let dr = &mut d[oy * ow..][..ow];
-                    for v in &mut dr[..tap.oxs.start] {
-                        *v = zero;
-                    }
-                    for v in &mut dr[tap.oxs.end..] {
-                        *v = zero;
-                    }
-                    let from = &ph[(tap.q * g.h + iy) * wq + tap.j0..][..len];
-                    for (d, v) in dr[tap.oxs.clone()].iter_mut().zip(from) {
-                        *d = *v;
-                    }
+            padded[..plane].copy_from_slice(&x[((b0 + i) * g.c + c) * plane..][..plane]);
+            for (r, taps) in idx.chunks_exact(p).enumerate() {
+                let d = &mut out[(c * kk + r) * n + i * p..][..p];
+                for (d, &ix) in d.iter_mut().zip(taps) {
+                    *d = padded[ix as usize];
                 }
             }
         }
     }
-    recycle(ph);
+    recycle(padded);
 }
 
-/// [`col2im`] for strides above 1: the adjoint of [`im2col_strided`], summing each
-/// image-channel's patch rows into its column phases, then interleaving the phases back.
+/// [`col2im`] for strides above 1: the adjoint of [`im2col_strided`], each image-channel's
+/// patch rows scattered (added, tap by tap) into a plane with a zero slot, then added to
+/// `out`.
 fn col2im_strided<T: Elem>(cols: &[T], g: Geometry, nb: usize, out: &mut [T]) {
-    let (ow, p, s) = (g.out_w(), g.pixels(), g.stride);
+    let (p, kk) = (g.pixels(), g.k * g.k);
     let n = nb * p;
     let plane = g.h * g.w;
-    let wq = g.w.div_ceil(s);
-    let taps: Vec<StridedTap> = (0..g.k * g.k).map(|r| g.tap(r / g.k, r % g.k)).collect();
-    let mut ph = scratch::<T>(s * g.h * wq);
+    let idx = strided_taps(g);
+    let mut acc = scratch::<T>(plane + 1);
     for i in 0..nb {
         for c in 0..g.c {
-            ph.fill(T::default());
-            for (r, tap) in taps.iter().enumerate() {
-                if tap.oys.is_empty() || tap.oxs.is_empty() {
-                    continue;
-                }
-                let ky = r / g.k;
-                let src = &cols[(c * g.k * g.k + r) * n + i * p..][..p];
-                let len = tap.oxs.len();
-                for oy in tap.oys.clone() {
-                    let iy = oy * s + ky - g.pad;
-                    let to = &mut ph[(tap.q * g.h + iy) * wq + tap.j0..][..len];
-                    for (d, v) in to.iter_mut().zip(&src[oy * ow + tap.oxs.start..][..len]) {
-                        *d += *v;
-                    }
+            acc.fill(T::default());
+            for (r, taps) in idx.chunks_exact(p).enumerate() {
+                let src = &cols[(c * kk + r) * n + i * p..][..p];
+                for (v, &ix) in src.iter().zip(taps) {
+                    acc[ix as usize] += *v;
                 }
             }
             let dst = &mut out[(i * g.c + c) * plane..][..plane];
-            for (iy, row) in dst.chunks_exact_mut(g.w).enumerate() {
-                for q in 0..s.min(g.w) {
-                    let from = &ph[(q * g.h + iy) * wq..][..wq];
-                    for (d, v) in row[q..].iter_mut().step_by(s).zip(from) {
-                        *d += *v;
-                    }
-                }
+            for (d, v) in dst.iter_mut().zip(&acc[..plane]) {
+                *d += *v;
             }
         }
     }
-    recycle(ph);
+    recycle(acc);
 }
 
 /// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]` with the given (row, column) strides of the
