@@ -99,6 +99,18 @@ pub fn worker_metrics_addr(coordinator: Option<SocketAddr>, i: u32) -> Result<Op
 }
 
 impl LocalCluster {
+    /// Starts a cluster for one command's own use (`run`, `reproduce --local`): the
+    /// coordinator on a free loopback port with its state under `data_dir`, and the
+    /// workers (call [`LocalCluster::wait_ready`] before submitting).
+    pub async fn start_private(
+        data_dir: &Path,
+        shape: &ClusterArgs,
+        heartbeat_timeout: Duration,
+    ) -> Result<Self> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start(listen, data_dir, shape, Some(heartbeat_timeout), false).await
+    }
+
     /// Starts a coordinator on `listen` with its state under `data_dir`, and the workers.
     /// `heartbeat_timeout` overrides the coordinator's default when given. A local cluster
     /// has no credentials: a non-loopback `listen` needs `insecure`.

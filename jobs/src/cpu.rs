@@ -19,7 +19,12 @@ pub const DEFAULT_SPIN_LIMIT: u32 = 3000;
 /// Variables to set in a rank process's environment: our defaults for those the current
 /// process does not set itself (a value the operator set wins).
 pub fn pool_env() -> Vec<(&'static str, String)> {
-    if std::env::var_os(SPIN_LIMIT_ENV).is_some() {
+    defaults_unless_set(std::env::var_os(SPIN_LIMIT_ENV).is_some())
+}
+
+/// [`pool_env`] given whether the operator set the spin limit.
+fn defaults_unless_set(spin_limit_set: bool) -> Vec<(&'static str, String)> {
+    if spin_limit_set {
         return Vec::new();
     }
     vec![(SPIN_LIMIT_ENV, DEFAULT_SPIN_LIMIT.to_string())]
@@ -31,11 +36,10 @@ mod tests {
 
     #[test]
     fn sets_the_spin_limit_unless_the_operator_did() {
-        // The test process does not set it (CI and scripts/test.sh leave it alone).
-        if std::env::var_os(SPIN_LIMIT_ENV).is_none() {
-            assert_eq!(pool_env(), vec![(SPIN_LIMIT_ENV, "3000".to_string())]);
-        } else {
-            assert!(pool_env().is_empty());
-        }
+        assert_eq!(
+            defaults_unless_set(false),
+            vec![("CANDLE_BARRIER_POOL_SPIN_LIMIT", "3000".to_string())]
+        );
+        assert!(defaults_unless_set(true).is_empty());
     }
 }

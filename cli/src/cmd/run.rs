@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use trainyard_proto::CancelJobRequest;
 
 use crate::args::RunArgs;
@@ -34,19 +34,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         .data_dir
         .clone()
         .unwrap_or_else(|| default_data_dir(&spec.job));
-    let listen = "127.0.0.1:0"
-        .parse()
-        .context("parsing the listen address")?;
     // The workers live in this process and cannot die without it: a generous heartbeat
     // timeout keeps a busy machine (training on every core) from declaring them dead.
-    let mut cluster = LocalCluster::start(
-        listen,
-        &data_dir,
-        &args.cluster,
-        Some(RUN_HEARTBEAT_TIMEOUT),
-        false,
-    )
-    .await?;
+    let mut cluster =
+        LocalCluster::start_private(&data_dir, &args.cluster, RUN_HEARTBEAT_TIMEOUT).await?;
     println!(
         "local cluster at {} (data: {})",
         cluster.url,

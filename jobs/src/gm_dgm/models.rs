@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::data::derived_rng;
 use crate::nn::fastmath::{sigmoid, softplus};
+use crate::nn::PARALLEL_MIN;
 use crate::nn::{linear, linear_no_bias, Linear};
 use crate::train::named_vars;
 
@@ -370,9 +371,6 @@ pub fn bernoulli_log_prob_ops(x: &Tensor, logits: &Tensor) -> Result<Tensor> {
     let softplus = (logits.relu()? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
     ((x * logits)? - softplus)?.sum(D::Minus1)
 }
-
-/// Elements below which the Bernoulli kernels run on the calling thread.
-const PARALLEL_MIN: usize = 1 << 15;
 
 /// `Σ_i x_i l_i - softplus(l_i)` of one row, in 8 interleaved partial sums (so the loop
 /// vectorises; the order of summation is fixed, so results do not depend on threads).

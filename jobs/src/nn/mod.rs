@@ -14,6 +14,21 @@ pub use norm::GroupNorm;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
+/// Elements below which a row-wise CPU kernel runs on the calling thread: handing work to
+/// rayon's pool costs more than it saves for small tensors.
+pub(crate) const PARALLEL_MIN: usize = 1 << 15;
+
+/// Rows per parallel task for a kernel over `len / n` rows of `n`: all of them (run
+/// inline) below [`PARALLEL_MIN`] elements, else enough for about 4 tasks per thread.
+pub(crate) fn row_block(len: usize, n: usize) -> usize {
+    let rows = len / n.max(1);
+    if len < PARALLEL_MIN {
+        return rows.max(1);
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    rows.div_ceil(tasks).max(1)
+}
+
 /// The contiguous data of one argument of a custom op (`what` names it in the error).
 pub(crate) fn contiguous_slice<'a, T>(
     op: &str,
@@ -25,6 +40,35 @@ pub(crate) fn contiguous_slice<'a, T>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: the {what} must be contiguous"),
     }
+}
+
+/// Runs the `f32` or `f64` kernel of a two-argument custom op `op` on its CPU storages,
+/// which must share one of those dtypes and be contiguous (`names` name the arguments in
+/// errors).
+pub(crate) fn dispatch2(
+    op: &str,
+    names: [&str; 2],
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32_kernel: impl Fn(&[f32], &[f32]) -> Vec<f32>,
+    f64_kernel: impl Fn(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    let [n1, n2] = names;
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(f32_kernel(
+            contiguous_slice(op, a, l1, n1)?,
+            contiguous_slice(op, b, l2, n2)?,
+        )),
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(f64_kernel(
+            contiguous_slice(op, a, l1, n1)?,
+            contiguous_slice(op, b, l2, n2)?,
+        )),
+        _ => candle_core::bail!(
+            "{op}: unsupported dtypes {:?}, {:?}",
+            s1.dtype(),
+            s2.dtype()
+        ),
+    })
 }
 
 /// Runs the `f32` or `f64` kernel of a three-argument custom op `op` on its CPU storages,

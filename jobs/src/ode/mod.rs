@@ -131,22 +131,6 @@ impl Axpy {
     }
 }
 
-/// The contiguous data of [`Axpy`]'s two operands, which must be of one length.
-fn operands<'a, T>(
-    op: &str,
-    a: &'a [T],
-    la: &Layout,
-    b: &'a [T],
-    lb: &Layout,
-) -> Result<(&'a [T], &'a [T])> {
-    let a = crate::nn::contiguous_slice(op, a, la, "first operand")?;
-    let b = crate::nn::contiguous_slice(op, b, lb, "second operand")?;
-    if a.len() != b.len() {
-        candle_core::bail!("{op}: operands of different sizes");
-    }
-    Ok((a, b))
-}
-
 impl CustomOp2 for Axpy {
     fn name(&self) -> &'static str {
         "trainyard-axpy"
@@ -160,18 +144,18 @@ impl CustomOp2 for Axpy {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let s = self.s as f32;
-                let (a, b) = operands(op, a, l1, b, l2)?;
-                CpuStorage::F32(a.iter().zip(b).map(|(a, b)| *a + *b * s).collect())
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (a, b) = operands(op, a, l1, b, l2)?;
-                CpuStorage::F64(a.iter().zip(b).map(|(a, b)| *a + *b * self.s).collect())
-            }
-            _ => candle_core::bail!("{op}: unsupported dtypes"),
-        };
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{op}: operands of different shapes");
+        }
+        let sf = self.s as f32;
+        let out = crate::nn::dispatch2(
+            op,
+            ["first operand", "second operand"],
+            (s1, l1),
+            (s2, l2),
+            |a, b| a.iter().zip(b).map(|(a, b)| *a + *b * sf).collect(),
+            |a, b| a.iter().zip(b).map(|(a, b)| *a + *b * self.s).collect(),
+        )?;
         Ok((out, l1.shape().clone()))
     }
 

@@ -106,17 +106,8 @@ pub async fn run(target: &Target, args: ReproduceArgs) -> Result<i32> {
             let stamp = chrono_stamp();
             std::path::PathBuf::from(".trainyard/reproduce").join(stamp)
         });
-        let listen = "127.0.0.1:0"
-            .parse()
-            .context("parsing the listen address")?;
-        let mut cluster = LocalCluster::start(
-            listen,
-            &data_dir,
-            &args.cluster,
-            Some(LOCAL_HEARTBEAT_TIMEOUT),
-            false,
-        )
-        .await?;
+        let mut cluster =
+            LocalCluster::start_private(&data_dir, &args.cluster, LOCAL_HEARTBEAT_TIMEOUT).await?;
         cluster.wait_ready().await?;
         eprintln!(
             "local cluster at {} (data: {})",
